@@ -1,0 +1,28 @@
+# Set-up and entry points. Each target creates the project's virtual environment first when it is missing or
+# older than the requirements.
+PYTHON ?= python3.11
+VENV := .venv
+INSTALLED := $(VENV)/.installed
+
+.PHONY: train test test-fast bench
+
+$(INSTALLED): requirements.txt requirements-test.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -qq -r requirements-test.txt
+	touch $@
+
+## The main job: ResNet-18 on the embedded demo dataset (generated on first use), on the CPU. ARGS=... adds overrides.
+train: $(INSTALLED)
+	$(VENV)/bin/python train.py experiment=demo $(ARGS)
+
+## Every test, as CI runs them (slow, slurm and gpu markers included; gpu ones skip without a GPU).
+test: $(INSTALLED)
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+## The fast tests only.
+test-fast: $(INSTALLED)
+	$(VENV)/bin/python -m pytest -m "not slow and not slurm" $(ARGS)
+
+## This trainer vs a plain PyTorch loop, same model, data and steps.
+bench: $(INSTALLED)
+	$(VENV)/bin/python benchmarks/trainer_vs_loop.py $(ARGS)

@@ -1,0 +1,89 @@
+"""The LightningDataModule: one ILSVRC-layout dataset, sharded per rank by the datamodule itself.
+
+Sharding lives here (``use_distributed_sampler=False`` in the trainer) so that training epochs have the same
+length on every rank while validation counts every image exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from functools import cached_property
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from data import torchvision_backend
+from data.ilsvrc import ILSVRCLayout, load_layout
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+BACKENDS = ("torchvision",)
+
+
+class ImageNetDataModule(pl.LightningDataModule):
+    """Batches of ``(images, int64 labels)``; images normalised float32 NCHW once on the device."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        backend: str = "torchvision",
+        batch_size: int = 256,
+        image_size: int = 224,
+        val_resize_size: int = 256,
+        train_crop_scale: Sequence[float] = (0.08, 1.0),
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"data.backend={backend!r} is not one of {BACKENDS}")
+        self.root, self.backend, self.batch_size = root, backend, batch_size
+        self.image_size, self.val_resize_size, self.train_crop_scale = image_size, val_resize_size, train_crop_scale
+        self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @cached_property
+    def layout(self) -> ILSVRCLayout:
+        """The scanned and checked dataset; raises ``DatasetLayoutError`` naming the path at fault."""
+        layout = load_layout(self.root)
+        log.info("Dataset %s", layout.summary())
+        return layout
+
+    @property
+    def num_classes(self) -> int:
+        return self.layout.num_classes
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world_size = self._rank_and_world()
+        return torchvision_backend.train_loader(
+            self.layout.train, self.batch_size, self.image_size, self.train_crop_scale, self.num_workers,
+            rank, world_size, self.seed, self.pin_memory,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world_size = self._rank_and_world()
+        return torchvision_backend.val_loader(
+            self.layout.val, self.batch_size, self.image_size, self.val_resize_size, self.num_workers,
+            rank, world_size, self.pin_memory,
+        )
+
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
+        images, labels = batch
+        if images.dtype == torch.uint8:
+            if images.device not in self._stats:
+                self._stats[images.device] = tuple(
+                    torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD)
+                )
+            mean, std = self._stats[images.device]
+            images = (images.float() - mean) / std
+        return images, labels.long()

@@ -1,0 +1,175 @@
+"""The ILSVRC-2012 folder layout: class index, readable names, validation ground truth, and its checks.
+
+    <root>/train/<wnid>/*.JPEG
+    <root>/val/<wnid>/*.JPEG                                   (class folders), or
+    <root>/val/*.JPEG + <root>/[val/]LOC_val_solution.csv      (flat, as Kaggle ships it)
+
+Class index = sorted wnid order, as torchvision's ImageFolder and the standard 0..999 ILSVRC index.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
+VAL_SOLUTION = "LOC_val_solution.csv"
+SYNSET_MAPPING = "LOC_synset_mapping.txt"
+CLASS_TABLE = Path(__file__).with_name("ilsvrc2012_classes.tsv")
+FULL_ILSVRC2012 = {"classes": 1000, "train": 1_281_167, "val": 50_000}
+
+
+class DatasetLayoutError(ValueError):
+    """The data root does not have the ILSVRC-2012 layout; the message names the path at fault."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Image paths with their class indices, in a fixed (sorted) order."""
+
+    paths: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class ILSVRCLayout:
+    root: Path
+    wnids: list[str]
+    names: list[str]
+    train: Split
+    val: Split
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.wnids)
+
+    def summary(self) -> str:
+        text = (
+            f"{self.root}: {self.num_classes} classes, {len(self.train):,} train images, "
+            f"{len(self.val):,} val images"
+        )
+        if self.num_classes == FULL_ILSVRC2012["classes"]:
+            text += " (full ILSVRC-2012: {classes} / {train:,} / {val:,})".format(**FULL_ILSVRC2012)
+        return text
+
+
+def wordnet_names() -> dict[str, str]:
+    """wnid -> first WordNet synonym for the 1000 ILSVRC-2012 classes (the project's class table)."""
+    names = {}
+    with open(CLASS_TABLE, encoding="utf-8") as f:
+        for line in f:
+            if not line.startswith("#"):
+                _, wnid, synonyms = line.rstrip("\n").split("\t")
+                names[wnid] = synonyms.split(",")[0]
+    return names
+
+
+def _class_names(root: Path, wnids: list[str]) -> list[str]:
+    known = wordnet_names()
+    mapping = root / SYNSET_MAPPING
+    if mapping.is_file():  # Kaggle's "n01440764 tench, Tinca tinca" lines take precedence
+        for line in mapping.read_text(encoding="utf-8").splitlines():
+            wnid, _, synonyms = line.partition(" ")
+            known[wnid] = synonyms.split(",")[0]
+    return [known.get(wnid, wnid) for wnid in wnids]
+
+
+def _is_image(entry: os.DirEntry) -> bool:
+    return entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _images_in(folder: str) -> list[str]:
+    with os.scandir(folder) as entries:
+        return sorted(e.path for e in entries if _is_image(e))
+
+
+def _subfolders(folder: Path) -> list[str]:
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def _scan_class_folders(split_dir: Path, class_index: dict[str, int]) -> Split:
+    """Images of every class folder, scanned in parallel (a network file system rewards it)."""
+    wnids = _subfolders(split_dir)
+    unknown = [w for w in wnids if w not in class_index]
+    if unknown:
+        raise DatasetLayoutError(f"{split_dir / unknown[0]}: class folder {unknown[0]!r} is not a class of train/")
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        per_class = list(pool.map(_images_in, (str(split_dir / w) for w in wnids)))
+    paths, labels = [], []
+    for wnid, images in zip(wnids, per_class):
+        paths += images
+        labels += [class_index[wnid]] * len(images)
+    return Split(paths, labels)
+
+
+def _read_val_solution(csv_path: Path, class_index: dict[str, int]) -> dict[str, int]:
+    """ImageId -> class index from Kaggle's LOC_val_solution.csv (first wnid of PredictionString)."""
+    truth = {}
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header != ["ImageId", "PredictionString"]:
+            raise DatasetLayoutError(f"{csv_path}: expected header 'ImageId,PredictionString', got {header}")
+        for line_no, row in enumerate(reader, start=2):
+            if len(row) != 2 or not row[1].split():
+                raise DatasetLayoutError(f"{csv_path}:{line_no}: malformed row {row}")
+            wnid = row[1].split()[0]
+            if wnid not in class_index:
+                raise DatasetLayoutError(
+                    f"{csv_path}:{line_no}: image {row[0]} is labelled {wnid!r}, which is not a class of train/"
+                )
+            truth[row[0]] = class_index[wnid]
+    return truth
+
+
+def _scan_flat_val(root: Path, val_dir: Path, class_index: dict[str, int]) -> Split:
+    candidates = [root / VAL_SOLUTION, val_dir / VAL_SOLUTION]
+    csv_path = next((c for c in candidates if c.is_file()), None)
+    if csv_path is None:
+        raise DatasetLayoutError(
+            f"{val_dir}: flat val/ needs its ground truth in {candidates[0]} or {candidates[1]} "
+            "(or put val images in <wnid>/ class folders)"
+        )
+    truth = _read_val_solution(csv_path, class_index)
+    images = _images_in(str(val_dir))
+    by_id = {Path(p).stem: p for p in images}
+    unlabelled = sorted(set(by_id) - set(truth))
+    if unlabelled:
+        raise DatasetLayoutError(f"{by_id[unlabelled[0]]}: not in {csv_path} ({len(unlabelled)} such images)")
+    missing = sorted(set(truth) - set(by_id))
+    if missing:
+        raise DatasetLayoutError(f"{csv_path}: names {missing[0]!r}, which is not in {val_dir} ({len(missing)} such)")
+    return Split(images, [truth[Path(p).stem] for p in images])
+
+
+def load_layout(root: str | os.PathLike) -> ILSVRCLayout:
+    """Scan and check ``root``; every failure names the path and what was expected there."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetLayoutError(f"data root {root} does not exist or is not a directory (set data.root=...)")
+    train_dir, val_dir = root / "train", root / "val"
+    for split_dir in (train_dir, val_dir):
+        if not split_dir.is_dir():
+            raise DatasetLayoutError(f"{split_dir} is missing: expected {root}/{{train,val}}/ in the ILSVRC-2012 layout")
+    wnids = _subfolders(train_dir)
+    if not wnids:
+        raise DatasetLayoutError(f"{train_dir} has no class folders: expected {train_dir}/<wnid>/*.JPEG")
+    class_index = {w: i for i, w in enumerate(wnids)}
+    train = _scan_class_folders(train_dir, class_index)
+    empty = sorted(set(wnids) - {wnids[label] for label in set(train.labels)})
+    if empty:
+        raise DatasetLayoutError(f"{train_dir / empty[0]} holds no images ({len(empty)} such class folders)")
+    val = _scan_class_folders(val_dir, class_index) if _subfolders(val_dir) else _scan_flat_val(root, val_dir, class_index)
+    if not len(val):
+        raise DatasetLayoutError(f"{val_dir} holds no images")
+    return ILSVRCLayout(root, wnids, _class_names(root, wnids), train, val)

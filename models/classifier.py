@@ -1,0 +1,107 @@
+"""The LightningModule: an image classifier with ILSVRC metrics and the SGD recipes of the papers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {f"acc{k}": MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro") for k in (1, 5)},
+        prefix=prefix,
+    )
+
+
+class ImageClassifier(pl.LightningModule):
+    """Cross-entropy classifier; top-1/top-5 accumulate on the device and are reduced across ranks per epoch.
+
+    ``optimizer.lr`` is the learning rate per ``lr_reference_batch`` images: the one used is scaled by the real
+    global batch (per-device batch x world size x gradient accumulation), the linear scaling rule of Goyal et al.
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., nn.Module],
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        label_smoothing: float = 0.0,
+        weight_decay_on_norm_and_bias: bool = True,
+        lr_reference_batch: int | None = 256,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.net = net(num_classes=num_classes)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_metrics = _accuracy_metrics(num_classes, "train/")
+        self.val_metrics = _accuracy_metrics(num_classes, "val/")
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images.contiguous(memory_format=self.memory_format))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        self.train_loss.update(loss.detach(), weight=labels.numel())
+        self.train_metrics.update(logits.detach(), labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_loss.update(self.criterion(logits, labels), weight=labels.numel())
+        self.val_metrics.update(logits, labels)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log_dict(self.val_metrics, on_step=False, on_epoch=True, prog_bar=True)
+
+    def _parameter_groups(self) -> list[dict]:
+        """Norm weights and biases (every 1-d parameter) optionally without weight decay."""
+        if self.hparams.weight_decay_on_norm_and_bias:
+            return [{"params": list(self.net.parameters())}]
+        decayed = [p for p in self.net.parameters() if p.ndim > 1]
+        exempt = [p for p in self.net.parameters() if p.ndim <= 1]
+        return [{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> dict:
+        trainer = self.trainer
+        global_batch = trainer.datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        base_lr = self.optimizer_factory.keywords["lr"]
+        reference = self.hparams.lr_reference_batch
+        lr = base_lr * global_batch / reference if reference else base_lr
+        rank_zero_info(
+            f"Learning rate {lr:g} = {base_lr:g} x global batch {global_batch} / {reference} "
+            f"({trainer.datamodule.batch_size} per device x {trainer.world_size} devices "
+            f"x {trainer.accumulate_grad_batches} accumulated)"
+            if reference else f"Learning rate {lr:g} (no batch scaling); global batch {global_batch}"
+        )
+        optimizer = self.optimizer_factory(self._parameter_groups(), lr=lr)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        steps_per_epoch = math.ceil(self._batches_per_epoch() / trainer.accumulate_grad_batches)
+        scheduler = self.scheduler_factory(optimizer, steps_per_epoch=steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _batches_per_epoch(self) -> int:
+        """Training batches per epoch on this rank, as the fit loop will run them (``limit_train_batches`` too)."""
+        self.trainer.fit_loop.setup_data()
+        return self.trainer.num_training_batches

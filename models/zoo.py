@@ -1,0 +1,24 @@
+"""Network architectures by name, built by torchvision's own builders (randomly initialised)."""
+
+from __future__ import annotations
+
+import torchvision
+from torch import nn
+
+ARCHITECTURES = (
+    "alexnet",
+    *(f"vgg{depth}{bn}" for depth in (11, 13, 16, 19) for bn in ("", "_bn")),
+    *(f"resnet{depth}" for depth in (18, 34, 50, 101, 152)),
+)
+
+
+def build_net(arch: str, num_classes: int, zero_init_residual: bool = False) -> nn.Module:
+    """``arch`` from ``ARCHITECTURES``; ``zero_init_residual`` zeroes the last BN of each residual branch (ResNets)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    options = {"weights": None, "num_classes": num_classes}
+    if arch.startswith("resnet"):
+        options["zero_init_residual"] = zero_init_residual
+    elif zero_init_residual:
+        raise ValueError(f"zero_init_residual applies to ResNets only, not to {arch!r}")
+    return torchvision.models.get_model(arch, **options)

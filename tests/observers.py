@@ -1,0 +1,31 @@
+"""Test-side callbacks: observe what each rank ends with, and interrupt a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+
+class RankMetrics(pl.Callback):
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
+                  "val_batches": trainer.num_val_batches, "metrics": metrics}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class StopAfterEpochs(pl.Callback):
+    """Interrupts a run cleanly after ``epochs`` epochs, as a preemption at an epoch boundary would."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True

@@ -1,0 +1,105 @@
+"""Every experiment and model composes and instantiates; overrides reach the objects; typos fail early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision
+from hydra.utils import instantiate
+
+from models.classifier import ImageClassifier
+from models.zoo import ARCHITECTURES, build_net
+from train import instantiate_all
+
+from .conftest import PROJECT_ROOT, run_train
+
+EXPERIMENTS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "model").glob("[!_]*.yaml"))
+ON_THIS_MACHINE = [] if torch.cuda.is_available() else ["trainer.accelerator=cpu"]
+
+
+def n_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_every_architecture_has_a_model_config():
+    assert sorted(ARCHITECTURES) == MODELS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_instantiates(make_cfg, experiment):
+    cfg = make_cfg(f"experiment={experiment}", "data.root=/datasets/ILSVRC2012", *ON_THIS_MACHINE)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model, num_classes=1000)
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.callbacks), logger=instantiate_all(cfg.logger))
+    assert isinstance(module, ImageClassifier) and isinstance(trainer, pl.Trainer)
+    assert datamodule.batch_size == cfg.data.batch_size
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+def test_resnet50_recipe(make_cfg):
+    cfg = make_cfg("experiment=resnet50", "data.root=x")
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 1e-4)
+    assert list(cfg.scheduler.milestones) == [30, 60, 80] and cfg.trainer.max_epochs == 90
+    assert cfg.model.lr_reference_batch == 256
+
+
+def test_resnet50_fast_recipe(make_cfg):
+    cfg = make_cfg("experiment=resnet50_fast", "data.root=x")
+    assert cfg.scheduler._target_ == "models.schedules.cosine" and cfg.scheduler.warmup_epochs > 0
+    assert cfg.model.label_smoothing == 0.1 and cfg.model.weight_decay_on_norm_and_bias is False
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.model.channels_last
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_model_matches_torchvision(make_cfg, arch):
+    cfg = make_cfg(f"model={arch}")
+    module = instantiate(cfg.model, num_classes=1000)
+    reference = torchvision.models.get_model(arch, num_classes=1000)
+    assert type(module.net) is type(reference)
+    assert n_parameters(module.net) == n_parameters(reference)
+
+
+@pytest.mark.parametrize("arch, expected", [("alexnet", 61_100_840), ("vgg16", 138_357_544), ("resnet50", 25_557_032)])
+def test_published_parameter_counts(arch, expected):
+    assert n_parameters(build_net(arch, num_classes=1000)) == expected
+
+
+def test_num_classes_comes_from_the_data(make_cfg, small_demo_root):
+    cfg = make_cfg("model=resnet18", f"data.root={small_demo_root}")
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    assert module.net.fc.out_features == 4
+
+
+def test_zero_init_residual_and_channels_last(make_cfg):
+    cfg = make_cfg("model=resnet50", "model.net.zero_init_residual=true", "model.channels_last=true")
+    module = instantiate(cfg.model, num_classes=10)
+    assert all(torch.all(block.bn3.weight == 0) for block in module.net.modules() if hasattr(block, "bn3"))
+    assert module.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="ResNets only"):
+        build_net("vgg16", 10, zero_init_residual=True)
+
+
+def test_unknown_architecture_is_named():
+    with pytest.raises(ValueError, match="unknown model architecture 'resnet51'"):
+        build_net("resnet51", 10)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model=resnet51", "Could not find 'model/resnet51'"),
+        ("trainer.max_epoch=3", "Key 'max_epoch' is not in struct"),
+        ("optimizer.learning_rate=0.1", "Key 'learning_rate' is not in struct"),
+        ("experiment=resnet5O", "Could not find 'experiment/resnet5O'"),
+    ],
+)
+def test_bad_override_fails_before_training(tmp_path: Path, override, message):
+    result = run_train(override, cache_dir=tmp_path / "cache", run_dir=tmp_path / "run", timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "cache").exists(), "nothing may run before the config is valid"

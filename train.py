@@ -1,0 +1,48 @@
+"""Train an image classifier: config -> data -> model -> trainer -> fit.
+
+    python train.py                                   # ResNet-18 on the embedded demo dataset, CPU
+    python train.py experiment=resnet50 data.root=/datasets/ILSVRC2012 trainer.devices=8
+    python train.py run_id=<an earlier run> ckpt_path=last   # resume that run
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+log = logging.getLogger(__name__)
+
+
+def instantiate_all(group: DictConfig | None) -> list:
+    """Every object of a named-entries group (callbacks, logger); ``null`` entries switch one off."""
+    return [instantiate(entry) for entry in (group or {}).values() if entry is not None]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit as configured; returns the final validation metrics."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.callbacks), logger=instantiate_all(cfg.logger))
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    return {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    log.info("Final validation metrics: %s", metrics)
+    return metrics.get("val/acc1")  # the value a Hydra sweeper optimises
+
+
+if __name__ == "__main__":
+    main()
