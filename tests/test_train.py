@@ -40,10 +40,10 @@ def _final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["32-true", pytest.param("bf16-mixed", marks=pytest.mark.slow)])
 def test_resume_equals_uninterrupted(make_cfg, tmp_path: Path, precision: str):
     """2 epochs straight == interrupted after 1, then resumed: same step, epoch, weights, optimizer, schedule, metrics."""
-    base = [*SMALL_RUN, f"trainer.precision={precision}", "data.root.train_per_class=30", "trainer.max_epochs=2"]
+    base = [*SMALL_RUN, f"trainer.precision={precision}", "data.root.train_per_class=10", "trainer.max_epochs=2"]
     straight = train(make_cfg(*base))
     reference = _final_state(tmp_path / "run")
     (tmp_path / "run").rename(tmp_path / "straight")
@@ -56,7 +56,7 @@ def test_resume_equals_uninterrupted(make_cfg, tmp_path: Path, precision: str):
     assert len(_epoch_rows(tmp_path / "run", version=0)) == 1  # the first part's log is kept beside the new one
     assert len(_epoch_rows(tmp_path / "run", version=1)) == 1
 
-    assert (state["epoch"], state["global_step"]) == (reference["epoch"], reference["global_step"]) == (1, 12)
+    assert (state["epoch"], state["global_step"]) == (reference["epoch"], reference["global_step"]) == (1, 4)
     for name, tensor in reference["state_dict"].items():
         assert torch.equal(state["state_dict"][name], tensor), name
     assert state["optimizer_states"][0]["state"].keys() == reference["optimizer_states"][0]["state"].keys()
@@ -85,3 +85,19 @@ def test_ddp_two_cpu_processes_agree(tmp_path: Path):
     assert {"val/acc1", "val/acc5", "val/loss", "train/acc1"} <= ranks[0]["metrics"].keys()
     assert "Learning rate 0.015625 = 0.1 x global batch 40 / 256 (20 per device x 2 devices" in result.stderr
     assert len(_epoch_rows(run_dir)) == 2  # rank zero alone writes the log
+
+
+@pytest.mark.gpu
+def test_fp16_mixed_resumes_its_loss_scaler(make_cfg, tmp_path: Path):
+    run = [*SMALL_RUN, "trainer=gpu", "trainer.precision=16-mixed", "trainer.max_epochs=1"]
+    train(make_cfg(*run))
+    state = _final_state(tmp_path / "run")
+    assert state["MixedPrecision"]["scale"] > 0  # the GradScaler's state travels in the checkpoint
+    train(make_cfg(*run, "trainer.max_epochs=2", "ckpt_path=last"))
+    assert _final_state(tmp_path / "run")["global_step"] == 2 * state["global_step"]
+
+
+def test_missing_data_root_is_named_from_the_command_line(tmp_path: Path):
+    result = run_train("data=imagenet", "data.root=/no/such/ILSVRC2012", cache_dir=tmp_path, run_dir=tmp_path / "run")
+    assert result.returncode != 0
+    assert "data root /no/such/ILSVRC2012 does not exist or is not a directory" in result.stderr
