@@ -15,14 +15,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from data import torchvision_backend
+from data import dali, torchvision_backend
 from data.ilsvrc import ILSVRCLayout, load_layout
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-BACKENDS = ("torchvision",)
+BACKENDS = ("torchvision", "dali")
 
 
 class ImageNetDataModule(pl.LightningDataModule):
@@ -39,6 +39,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         num_workers: int = 8,
         pin_memory: bool = True,
         seed: int = 0,
+        dali_device: str = "auto",
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -46,6 +47,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.root, self.backend, self.batch_size = root, backend, batch_size
         self.image_size, self.val_resize_size, self.train_crop_scale = image_size, val_resize_size, train_crop_scale
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
+        self.dali_device = dali.decoder_device(dali_device) if backend == "dali" else None
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @cached_property
@@ -63,15 +65,32 @@ class ImageNetDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def train_dataloader(self) -> DataLoader:
+    @property
+    def _dali_threads(self) -> int:
+        return max(1, self.num_workers)  # num_workers=0 means "in this process" for the DataLoader
+
+    def _local_rank(self) -> int:
+        return self.trainer.local_rank if self.trainer is not None else 0
+
+    def train_dataloader(self) -> DataLoader | dali.DaliLoader:
         rank, world_size = self._rank_and_world()
+        if self.backend == "dali":
+            return dali.train_loader(
+                self.layout.train, self.batch_size, self.image_size, self.train_crop_scale, self._dali_threads,
+                rank, world_size, self.seed, self.dali_device, self._local_rank(),
+            )
         return torchvision_backend.train_loader(
             self.layout.train, self.batch_size, self.image_size, self.train_crop_scale, self.num_workers,
             rank, world_size, self.seed, self.pin_memory,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | dali.DaliLoader:
         rank, world_size = self._rank_and_world()
+        if self.backend == "dali":
+            return dali.val_loader(
+                self.layout.val, self.batch_size, self.image_size, self.val_resize_size, self._dali_threads,
+                rank, world_size, self.dali_device, self._local_rank(),
+            )
         return torchvision_backend.val_loader(
             self.layout.val, self.batch_size, self.image_size, self.val_resize_size, self.num_workers,
             rank, world_size, self.pin_memory,

@@ -29,3 +29,29 @@ class StopAfterEpochs(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch + 1 >= self.epochs:
             trainer.should_stop = True
+
+
+class BatchCounter(pl.Callback):
+    """Counts the batches and distinct samples each epoch actually ran (the last instance is kept for tests)."""
+
+    last: BatchCounter | None = None
+
+    def __init__(self) -> None:
+        self.train_batches_per_epoch: list[int] = []
+        self.train_samples_per_epoch: list[int] = []
+        self.val_batches_per_run: list[int] = []
+        BatchCounter.last = self
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.train_batches_per_epoch.append(0)
+        self.train_samples_per_epoch.append(0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.train_batches_per_epoch[-1] += 1
+        self.train_samples_per_epoch[-1] += len(batch[1])
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.val_batches_per_run.append(0)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.val_batches_per_run[-1] += 1

@@ -1,0 +1,125 @@
+"""The DALI backend on the CPU: real pipelines over real JPEG files, sharding, exact counts, fixed epoch lengths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data import dali, torchvision_backend
+from data.ilsvrc import Split, load_layout
+from train import train
+
+from .conftest import SHARED_DATA, SMALL_RUN
+
+
+def _identified(paths: list[str]) -> Split:
+    """The files with label = position, so every sample a loader yields can be told apart."""
+    return Split(paths, list(range(len(paths))))
+
+
+def _ids(loader) -> list[int]:
+    return [int(i) for _, labels in loader for i in labels]
+
+
+@pytest.fixture(scope="module")
+def odd_split(small_demo_root: Path) -> Split:
+    paths = load_layout(small_demo_root).train.paths
+    return _identified(paths[: len(paths) - 1])  # 239 files
+
+
+def test_train_batches_are_normalised_channels_last_rgb(small_demo_root: Path):
+    split = load_layout(small_demo_root).train
+    loader = dali.train_loader(split, 16, 32, (0.35, 1.0), 2, rank=0, world_size=1, seed=0, device="cpu", device_id=0)
+    images, labels = next(iter(loader))
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.shape == (16,) and set(labels.tolist()) <= {0, 1, 2, 3}
+    assert -2.2 < images.min() < -1.0 and 1.5 < images.max() < 2.7  # ImageNet-normalised 0..255 pixels
+    assert len(loader) == 240 // 16
+
+
+@pytest.mark.parametrize("source", ["demo", "imagenet-samples"])
+def test_val_matches_the_torchvision_backend(small_demo_root: Path, source: str):
+    if source == "demo":
+        split = load_layout(small_demo_root).val
+    else:
+        samples = sorted(map(str, (SHARED_DATA / "imagenet-samples").glob("*.JPEG")))[::25]  # 40, 2 grayscale among
+        if not samples:
+            pytest.skip("../shared/data/imagenet-samples is absent")
+        split = _identified(samples)
+    theirs = torchvision_backend.val_loader(split, 8, 56, 64, 0, rank=0, world_size=1, pin_memory=False)
+    ours = dali.val_loader(split, 8, 56, 64, 2, rank=0, world_size=1, device="cpu", device_id=0)
+    mean = torch.tensor(dali.MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(dali.STD).view(1, 3, 1, 1)
+    pairs = list(zip(theirs, ours))
+    assert len(pairs) == len(theirs) == len(ours)
+    correlations = []
+    for (reference, reference_labels), (images, labels) in pairs:
+        assert torch.equal(labels.long(), torch.as_tensor(reference_labels))
+        assert images.shape == reference.shape
+        reference = (reference.float() - mean) / std
+        assert (images - reference).abs().mean() < 0.2  # 12 of 255 grey levels: decoders and resize filters differ
+        correlations += [torch.corrcoef(torch.stack(pair))[0, 1] for pair in zip(images.flatten(1), reference.flatten(1))]
+    # Same content in the same place: another image of the set correlates at most ~0.55 (measured), the same one
+    # at a median of 0.98 (a pixel of offset in the centre crop costs fine textures the most).
+    assert min(correlations) > 0.8 and torch.stack(correlations).median() > 0.95
+
+
+def test_two_shards_partition_each_epoch(odd_split: Split):
+    loaders = [dali.train_loader(odd_split, 8, 32, (0.35, 1.0), 1, r, 2, 0, "cpu", 0) for r in (0, 1)]
+    assert [len(loader) for loader in loaders] == [14, 14]  # floor(floor(239 / 2) / 8) on both ranks
+    seen_over_epochs = set()
+    orders = []
+    for _ in range(3):
+        shards = [_ids(loader) for loader in loaders]
+        assert [len(s) for s in shards] == [112, 112]
+        assert not set(shards[0]) & set(shards[1]) and len(set(shards[0])) == 112
+        seen_over_epochs |= set(shards[0]) | set(shards[1])
+        orders.append(shards[0])
+    assert orders[0] != orders[1] != orders[2]  # a fresh permutation every epoch
+    assert len(seen_over_epochs) > 224
+
+
+def test_val_counts_every_image_once_over_two_ranks(odd_split: Split):
+    shards = [_ids(dali.val_loader(odd_split, 8, 32, 36, 1, r, 2, "cpu", 0)) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == list(range(239))
+    again = [_ids(dali.val_loader(odd_split, 8, 32, 36, 1, r, 2, "cpu", 0)) for r in (0, 1)]
+    assert again == shards
+
+
+def test_epochs_keep_their_length_whatever_the_trainer_does(odd_split: Split):
+    loader = dali.train_loader(odd_split, 8, 32, (0.35, 1.0), 1, 0, 1, 0, "cpu", 0)
+    for _, _ in zip(range(3), loader):  # the Trainer leaves an epoch early (limit_train_batches, sanity check)
+        pass
+    assert len(_ids(loader)) == len(loader) * 8 == 232
+    assert len(_ids(loader)) == 232
+
+
+@pytest.mark.slow
+def test_trainer_epochs_with_dali(make_cfg, tmp_path: Path):
+    """3 epochs with sanity validation and limit_val_batches: every train epoch has all its batches."""
+    from tests.observers import BatchCounter
+
+    cfg = make_cfg(
+        *SMALL_RUN, "data.backend=dali", "trainer.max_epochs=3", "+trainer.limit_val_batches=2",
+        "+trainer.num_sanity_val_steps=2", "+callbacks.counter._target_=tests.observers.BatchCounter",
+    )
+    metrics = train(cfg)
+    counts = BatchCounter.last.train_batches_per_epoch
+    assert counts == [12, 12, 12]  # 240 images / batch 20
+    assert BatchCounter.last.val_batches_per_run == [2, 2, 2, 2]  # sanity check + one per epoch
+    assert BatchCounter.last.train_samples_per_epoch == [240, 240, 240]
+    assert 0.0 <= metrics["val/acc1"] <= 1.0
+
+
+@pytest.mark.gpu
+def test_mixed_decoding_on_the_gpu_matches_the_cpu_pipeline(small_demo_root: Path):
+    split = load_layout(small_demo_root).val
+    on_gpu = dali.val_loader(split, 8, 32, 36, 2, 0, 1, "mixed", torch.cuda.current_device())
+    on_cpu = dali.val_loader(split, 8, 32, 36, 2, 0, 1, "cpu", 0)
+    for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(on_gpu, on_cpu):
+        assert gpu_images.is_cuda and gpu_images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(gpu_labels.cpu(), cpu_labels)
+        assert (gpu_images.cpu() - cpu_images).abs().mean() < 0.1  # nvJPEG vs libjpeg-turbo IDCT
