@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from data import dali, torchvision_backend
 from data.ilsvrc import ILSVRCLayout, load_layout
+from data.index import indexed_layout
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         seed: int = 0,
         dali_device: str = "auto",
+        index: str = "fast",
+        index_workers: int | None = None,
+        cache_dir: str | os.PathLike = "~/.cache/imagenet-pipeline",
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -48,12 +52,13 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.image_size, self.val_resize_size, self.train_crop_scale = image_size, val_resize_size, train_crop_scale
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.dali_device = dali.decoder_device(dali_device) if backend == "dali" else None
+        self.index, self.index_workers, self.cache_dir = index, index_workers or os.cpu_count(), cache_dir
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @cached_property
     def layout(self) -> ILSVRCLayout:
-        """The scanned and checked dataset; raises ``DatasetLayoutError`` naming the path at fault."""
-        layout = load_layout(self.root)
+        """The scanned and checked dataset without unreadable files; ``DatasetLayoutError`` names a path at fault."""
+        layout = indexed_layout(load_layout(self.root), self.index, self.cache_dir, self.index_workers)
         log.info("Dataset %s", layout.summary())
         return layout
 

@@ -1,0 +1,115 @@
+"""Indexing keeps broken files out with their reasons, lets ImageNet's valid oddities through as RGB, and caches."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import dali, torchvision_backend
+from data.ilsvrc import Split, load_layout
+from data.index import IndexCache, indexed_layout
+from train import train
+
+from .conftest import SMALL_RUN
+
+BROKEN = {
+    "empty.JPEG": "empty file",
+    "truncated.JPEG": "truncated JPEG (no end marker)",
+    "random_bytes.JPEG": "not an image file",
+    "text.JPEG": "not an image file",
+}
+ODDITIES = ("grayscale.JPEG", "cmyk.JPEG", "png_named.JPEG", "progressive.JPEG")
+
+
+def _picture() -> Image.Image:
+    """A colourful 120x90 image with structure, so a decoder's mistakes would show."""
+    y, x = np.mgrid[0:90, 0:120]
+    return Image.fromarray(np.stack([x * 2, y * 2, (x + y) % 256], axis=-1).astype(np.uint8))
+
+
+def _jpeg_bytes(**options) -> bytes:
+    buffer = io.BytesIO()
+    _picture().save(buffer, "JPEG", quality=92, **options)
+    return buffer.getvalue()
+
+
+def _write_specimens(folder: Path) -> None:
+    whole = _jpeg_bytes()
+    (folder / "empty.JPEG").write_bytes(b"")
+    (folder / "truncated.JPEG").write_bytes(whole[: len(whole) // 2])
+    (folder / "random_bytes.JPEG").write_bytes(np.random.default_rng(0).bytes(5000))
+    (folder / "text.JPEG").write_text("not a picture\n")
+    _picture().convert("L").save(folder / "grayscale.JPEG", "JPEG")
+    _picture().convert("CMYK").save(folder / "cmyk.JPEG", "JPEG")
+    _picture().save(folder / "png_named.JPEG", "PNG")
+    (folder / "progressive.JPEG").write_bytes(_jpeg_bytes(progressive=True))
+    (folder / "notes.txt").write_text("a stray file")
+
+
+@pytest.fixture
+def seeded_root(tmp_path: Path, small_demo_root: Path) -> Path:
+    root = tmp_path / "imagenet"
+    shutil.copytree(small_demo_root, root)
+    _write_specimens(next((root / "train").iterdir()))
+    return root
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_index_excludes_exactly_the_broken_files(seeded_root: Path, tmp_path: Path, mode: str, caplog):
+    layout = indexed_layout(load_layout(seeded_root), mode, tmp_path / "cache", workers=2)
+    names = {Path(p).name for p in layout.train.paths}
+    assert set(ODDITIES) <= names and not set(BROKEN) & names
+    assert len(layout.train) == 240 + len(ODDITIES) and len(layout.val) == 60
+    for name, reason in BROKEN.items():
+        assert f"{name}: {reason}" in caplog.text
+    assert "Excluded 4 of 308 files" in caplog.text
+
+
+def test_index_cache_rechecks_only_changed_files(seeded_root: Path, tmp_path: Path):
+    layout = load_layout(seeded_root)
+    indexed_layout(layout, "fast", tmp_path / "cache", workers=2)
+    cache = IndexCache(tmp_path / "cache", seeded_root, "fast")
+    assert len(cache.entries) == 308
+    victim = layout.train.paths[-1]
+    Path(victim).write_bytes(b"")  # broken after it was indexed: size and mtime change
+    again = indexed_layout(layout, "fast", tmp_path / "cache", workers=2)
+    assert victim not in again.train.paths and len(again.train) == len(layout.train) - 5
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_oddities_decode_to_rgb(seeded_root: Path, backend: str):
+    folder = next((seeded_root / "train").iterdir())
+    split = Split([str(folder / name) for name in ODDITIES], list(range(len(ODDITIES))))
+    if backend == "dali":
+        batches = dali.val_loader(split, 4, 64, 64, 1, 0, 1, "cpu", 0)
+        images, labels = next(iter(batches))
+        images = images * torch.tensor(dali.STD).view(1, 3, 1, 1) + torch.tensor(dali.MEAN).view(1, 3, 1, 1)
+    else:
+        images, labels = next(iter(torchvision_backend.val_loader(split, 4, 64, 64, 0, 0, 1, False)))
+        images = images.float()
+    assert images.shape == (4, 3, 64, 64) and labels.tolist() == [0, 1, 2, 3]
+    gray, cmyk, png, progressive = images
+    assert torch.allclose(gray[0], gray[1], atol=2) and torch.allclose(gray[1], gray[2], atol=2)
+    reference = png  # lossless: the picture itself, through the same resize and crop
+    assert reference[0].std() > 20 and (reference[0] - reference[2]).abs().mean() > 20  # really in colour
+    for name, image in (("cmyk", cmyk), ("progressive", progressive)):
+        assert (image - reference).abs().mean() < 8, name  # JPEG loss only: channels in order, not inverted
+
+
+def test_training_runs_over_the_indexed_files(make_cfg, seeded_root: Path):
+    metrics = train(make_cfg(*SMALL_RUN, f"data.root={seeded_root}", "data.backend=dali", "trainer.max_epochs=1"))
+    assert "val/acc1" in metrics
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_a_file_broken_after_indexing_stops_the_run_naming_it(make_cfg, seeded_root: Path, backend: str):
+    cfg = make_cfg(*SMALL_RUN, f"data.root={seeded_root}", f"data.backend={backend}", "data.index=none",
+                   "trainer.max_epochs=1")
+    with pytest.raises(Exception, match=r"train/n\d{8}/(empty|truncated|random_bytes|text)\.JPEG"):
+        train(cfg)
