@@ -81,8 +81,11 @@ class DaliLoader:
 
     def _finish_epoch(self) -> None:
         if self.in_epoch:
-            for _ in self.iterator:  # the rest of this rank's shard, if any
-                pass
+            while True:  # the rest of this rank's shard, if any (`for` would call iter(), a reset in mid-epoch)
+                try:
+                    next(self.iterator)
+                except StopIteration:
+                    break
             self.iterator.reset()
             self.in_epoch = False
 
@@ -126,3 +129,9 @@ def val_loader(
         batch_size=batch_size, num_threads=num_threads, device_id=device_id if decoder == "mixed" else None,
     )
     return DaliLoader(pipeline, None, LastBatchPolicy.PARTIAL)
+
+
+def dali_version() -> str:
+    from nvidia.dali import __version__
+
+    return __version__
