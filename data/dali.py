@@ -6,7 +6,8 @@ for all ranks so the shards of an epoch partition the set); augmentation seeds d
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
@@ -18,12 +19,13 @@ from data.ilsvrc import Split
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 READER = "Reader"
+OUTPUT_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}  # DALI has no bfloat16: autocast casts fp16 input
 
 
 @pipeline_def(enable_conditionals=False)
 def ilsvrc_pipeline(
     split: Split, training: bool, decoder_device: str, shard_id: int, num_shards: int, image_size: int,
-    resize_size: int, crop_scale: Sequence[float], reader_seed: int,
+    resize_size: int, crop_scale: Sequence[float], reader_seed: int, output_dtype: str = "float32",
 ):
     """Train: random-resized crop decoded straight from the JPEG, resize, flip. Val: shorter side, centre crop."""
     jpegs, labels = fn.readers.file(
@@ -46,10 +48,17 @@ def ilsvrc_pipeline(
         images = fn.resize(images, resize_shorter=resize_size, antialias=True)
         mirror = 0
     images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT, output_layout="HWC", crop=(image_size, image_size), mean=list(MEAN),
+        images, dtype=OUTPUT_DTYPES[output_dtype], output_layout="HWC", crop=(image_size, image_size), mean=list(MEAN),
         std=list(STD), mirror=mirror,
     )
     return images, labels
+
+
+def _iterator(pipeline, last_batch_policy: LastBatchPolicy) -> DALIGenericIterator:
+    return DALIGenericIterator(
+        pipeline, ["images", "labels"], reader_name=READER, last_batch_policy=last_batch_policy,
+        prepare_first_batch=False,
+    )
 
 
 class DaliLoader:
@@ -61,12 +70,11 @@ class DaliLoader:
     """
 
     def __init__(self, pipeline, batches_per_epoch: int | None, last_batch_policy: LastBatchPolicy) -> None:
-        self.iterator = DALIGenericIterator(
-            pipeline, ["images", "labels"], reader_name=READER, last_batch_policy=last_batch_policy,
-            prepare_first_batch=False,
-        )
+        self.last_batch_policy = last_batch_policy
+        self.iterator = _iterator(pipeline, last_batch_policy)
         self.batches_per_epoch = len(self.iterator) if batches_per_epoch is None else batches_per_epoch
         self.in_epoch = False
+        self.replay = 0  # batches of this epoch to read again without yielding (a resumed epoch)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -74,9 +82,11 @@ class DaliLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._finish_epoch()
         self.in_epoch = True
-        for _ in range(self.batches_per_epoch):
+        for index in range(self.batches_per_epoch):
             batch = next(self.iterator)[0]
-            yield batch["images"].permute(0, 3, 1, 2), batch["labels"].view(-1)
+            if index >= self.replay:
+                yield batch["images"].permute(0, 3, 1, 2), batch["labels"].view(-1)
+        self.replay = 0
         self._finish_epoch()
 
     def _finish_epoch(self) -> None:
@@ -90,6 +100,49 @@ class DaliLoader:
             self.in_epoch = False
 
 
+class ResumableDaliLoader(DaliLoader):
+    """The train loader, whose position travels in the Lightning checkpoint (Lightning saves and restores the
+    state of loaders that have ``state_dict``/``load_state_dict``).
+
+    The state is every rank's DALI checkpoint at the start of the current epoch, gathered because only rank zero
+    writes the file. Resuming rebuilds each rank's pipeline there and reads again, without yielding, the batches
+    already trained: exact, whatever Lightning prefetched, at the cost of decoding those batches once more.
+    """
+
+    def __init__(
+        self, build_pipeline: Callable[[str | None], object], batches_per_epoch: int,
+        trained_batches: Callable[[], int], rank: int, world_size: int,
+    ) -> None:
+        super().__init__(build_pipeline(None), batches_per_epoch, LastBatchPolicy.DROP)
+        self.build_pipeline, self.trained_batches = build_pipeline, trained_batches
+        self.rank, self.world_size = rank, world_size
+        self.epoch_start = self.iterator.checkpoints()[0]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._finish_epoch()
+        self.epoch_start = self.iterator.checkpoints()[0]
+        yield from super().__iter__()
+
+    def state_dict(self) -> dict:
+        checkpoint = self.epoch_start if self.in_epoch else self.iterator.checkpoints()[0]
+        gathered = [checkpoint]
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            gathered = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, checkpoint)
+        return {"dali_epoch_start": gathered}
+
+    def load_state_dict(self, state: dict) -> None:
+        checkpoints = state["dali_epoch_start"]
+        if len(checkpoints) != self.world_size:
+            raise ValueError(
+                f"the checkpoint holds the DALI reader state of {len(checkpoints)} ranks, this run has "
+                f"{self.world_size}: resume mid-epoch with the same number of devices and nodes"
+            )
+        self.iterator = _iterator(self.build_pipeline(checkpoints[self.rank]), self.last_batch_policy)
+        self.in_epoch, self.replay = False, self.trained_batches()
+        self.epoch_start = self.iterator.checkpoints()[0]
+
+
 def decoder_device(device: str) -> str:
     """``auto`` -> ``mixed`` (nvJPEG and the hardware decoder) where there is a GPU, ``cpu`` elsewhere."""
     if device not in ("auto", "cpu", "mixed"):
@@ -99,27 +152,39 @@ def decoder_device(device: str) -> str:
     return device
 
 
+def batches_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
+    """floor(floor(N / world) / batch): the smallest shard's full batches, the same count on every rank."""
+    steps = num_images // world_size // batch_size
+    if steps == 0:
+        raise ValueError(f"{num_images} train images over {world_size} ranks make no full batch of {batch_size}")
+    return steps
+
+
 def train_loader(
     split: Split, batch_size: int, image_size: int, crop_scale: Sequence[float], num_threads: int,
     rank: int, world_size: int, seed: int, device: str, device_id: int,
-) -> DaliLoader:
-    """Every rank runs floor(floor(N / world) / batch) steps: the same count on each, full batches only."""
+    trained_batches: Callable[[], int] = lambda: 0, output_dtype: str = "float32",
+) -> ResumableDaliLoader:
+    """Every rank runs ``batches_per_epoch`` steps: the same count on each, full batches only.
+
+    ``trained_batches`` tells, when a checkpoint is restored, how many batches of its epoch were trained.
+    """
     decoder = decoder_device(device)
-    pipeline = ilsvrc_pipeline(
-        split=split, training=True, decoder_device=decoder, shard_id=rank, num_shards=world_size,
+    build_pipeline = partial(
+        ilsvrc_pipeline, split=split, training=True, decoder_device=decoder, shard_id=rank, num_shards=world_size,
         image_size=image_size, resize_size=image_size, crop_scale=crop_scale, reader_seed=seed,
         batch_size=batch_size, num_threads=num_threads, device_id=device_id if decoder == "mixed" else None,
-        seed=seed + 1 + rank,
+        seed=seed + 1 + rank, enable_checkpointing=True, output_dtype=output_dtype,
     )
-    steps = len(split) // world_size // batch_size
-    if steps == 0:
-        raise ValueError(f"{len(split)} train images over {world_size} ranks make no full batch of {batch_size}")
-    return DaliLoader(pipeline, steps, LastBatchPolicy.DROP)
+    steps = batches_per_epoch(len(split), world_size, batch_size)
+    return ResumableDaliLoader(
+        lambda checkpoint: build_pipeline(checkpoint=checkpoint), steps, trained_batches, rank, world_size
+    )
 
 
 def val_loader(
     split: Split, batch_size: int, image_size: int, resize_size: int, num_threads: int, rank: int,
-    world_size: int, device: str, device_id: int,
+    world_size: int, device: str, device_id: int, output_dtype: str = "float32",
 ) -> DaliLoader:
     """Each rank its own contiguous shard, the last batch partial: every image counted exactly once."""
     decoder = decoder_device(device)
@@ -127,6 +192,7 @@ def val_loader(
         split=split, training=False, decoder_device=decoder, shard_id=rank, num_shards=world_size,
         image_size=image_size, resize_size=resize_size, crop_scale=(1.0, 1.0), reader_seed=0,
         batch_size=batch_size, num_threads=num_threads, device_id=device_id if decoder == "mixed" else None,
+        output_dtype=output_dtype,
     )
     return DaliLoader(pipeline, None, LastBatchPolicy.PARTIAL)
 

@@ -7,6 +7,7 @@ length on every rank while validation counts every image exactly once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from functools import cached_property
@@ -41,6 +42,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         seed: int = 0,
         dali_device: str = "auto",
+        dali_output_dtype: str = "float32",
         index: str = "fast",
         index_workers: int | None = None,
         cache_dir: str | os.PathLike = "~/.cache/imagenet-pipeline",
@@ -52,6 +54,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.image_size, self.val_resize_size, self.train_crop_scale = image_size, val_resize_size, train_crop_scale
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.dali_device = dali.decoder_device(dali_device) if backend == "dali" else None
+        if dali_output_dtype not in dali.OUTPUT_DTYPES:
+            raise ValueError(f"data.dali_output_dtype must be one of {list(dali.OUTPUT_DTYPES)}, got {dali_output_dtype!r}")
+        self.dali_output_dtype = dali_output_dtype
         self.index, self.index_workers, self.cache_dir = index, index_workers or os.cpu_count(), cache_dir
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -74,15 +79,26 @@ class ImageNetDataModule(pl.LightningDataModule):
     def _dali_threads(self) -> int:
         return max(1, self.num_workers)  # num_workers=0 means "in this process" for the DataLoader
 
+    def _trained_batches(self) -> int:
+        """Batches of the current epoch already trained, as the fit loop restored them from a checkpoint."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
     def _local_rank(self) -> int:
         return self.trainer.local_rank if self.trainer is not None else 0
+
+    def train_batches_per_epoch(self, world_size: int) -> int:
+        """Full batches each rank trains per epoch (both backends drop the last partial batch)."""
+        if self.backend == "dali":
+            return dali.batches_per_epoch(len(self.layout.train), world_size, self.batch_size)
+        return math.ceil(len(self.layout.train) / world_size) // self.batch_size  # DistributedSampler pads
 
     def train_dataloader(self) -> DataLoader | dali.DaliLoader:
         rank, world_size = self._rank_and_world()
         if self.backend == "dali":
             return dali.train_loader(
                 self.layout.train, self.batch_size, self.image_size, self.train_crop_scale, self._dali_threads,
-                rank, world_size, self.seed, self.dali_device, self._local_rank(),
+                rank, world_size, self.seed, self.dali_device, self._local_rank(), self._trained_batches,
+                self.dali_output_dtype,
             )
         return torchvision_backend.train_loader(
             self.layout.train, self.batch_size, self.image_size, self.train_crop_scale, self.num_workers,
@@ -94,7 +110,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         if self.backend == "dali":
             return dali.val_loader(
                 self.layout.val, self.batch_size, self.image_size, self.val_resize_size, self._dali_threads,
-                rank, world_size, self.dali_device, self._local_rank(),
+                rank, world_size, self.dali_device, self._local_rank(), self.dali_output_dtype,
             )
         return torchvision_backend.val_loader(
             self.layout.val, self.batch_size, self.image_size, self.val_resize_size, self.num_workers,

@@ -102,6 +102,9 @@ class ImageClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _batches_per_epoch(self) -> int:
-        """Training batches per epoch on this rank, as the fit loop will run them (``limit_train_batches`` too)."""
-        self.trainer.fit_loop.setup_data()
-        return self.trainer.num_training_batches
+        """Training batches per epoch on this rank, ``limit_train_batches`` applied, without building a loader
+        (building it here would run before a checkpoint's loader state can be restored into it)."""
+        trainer = self.trainer
+        batches = trainer.datamodule.train_batches_per_epoch(trainer.world_size)
+        limit = trainer.limit_train_batches
+        return min(batches, limit) if isinstance(limit, int) else int(batches * limit)

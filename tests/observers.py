@@ -55,3 +55,30 @@ class BatchCounter(pl.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.val_batches_per_run[-1] += 1
+
+
+class SampleRecorder(pl.Callback):
+    """Each rank writes, per trained batch, its labels and a fingerprint of every image (content and augmentation)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.batches = Path(folder), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        images, labels = batch
+        self.batches.append([labels.tolist(), [round(float(x), 2) for x in images.double().sum(dim=(1, 2, 3))]])
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.batches))
+
+
+class InterruptAtStep(pl.Callback):
+    """Saves a checkpoint after optimizer step ``step`` and stops, as a preemption in mid-epoch would."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True

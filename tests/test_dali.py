@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from data import dali, torchvision_backend
 from data.ilsvrc import Split, load_layout
 from train import train
 
-from .conftest import SHARED_DATA, SMALL_RUN
+from .conftest import SHARED_DATA, SMALL_RUN, run_train
 
 
 def _identified(paths: list[str]) -> Split:
@@ -129,3 +130,42 @@ def test_mixed_decoding_on_the_gpu_matches_the_cpu_pipeline(small_demo_root: Pat
         assert gpu_images.is_cuda and gpu_images.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(gpu_labels.cpu(), cpu_labels)
         assert (gpu_images.cpu() - cpu_images).abs().mean() < 0.1  # nvJPEG vs libjpeg-turbo IDCT
+
+
+def _recorded(folder: Path) -> list[list]:
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_replays_the_exact_samples_on_two_ranks(tmp_path: Path):
+    """Interrupted after step 8 (2 batches into epoch 2), resumed: each rank trains the uninterrupted sequence."""
+    run = [
+        *SMALL_RUN, "data.backend=dali", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.max_epochs=2", "+callbacks.recorder._target_=tests.observers.SampleRecorder",
+    ]
+    cache = tmp_path / "cache"
+    straight = run_train(*run, f"+callbacks.recorder.folder={tmp_path / 'straight'}", cache_dir=cache,
+                         run_dir=tmp_path / "a")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    checkpoint = tmp_path / "preempted.ckpt"
+    first = run_train(
+        *run, f"+callbacks.recorder.folder={tmp_path / 'first'}", "+callbacks.interrupt._target_=tests.observers.InterruptAtStep",
+        "+callbacks.interrupt.step=8", f"+callbacks.interrupt.path={checkpoint}", cache_dir=cache, run_dir=tmp_path / "b",
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_train(*run, f"+callbacks.recorder.folder={tmp_path / 'second'}", f"ckpt_path={checkpoint}",
+                       cache_dir=cache, run_dir=tmp_path / "b")
+    assert second.returncode == 0, second.stderr[-3000:]
+    for reference, head, tail in zip(_recorded(tmp_path / "straight"), _recorded(tmp_path / "first"), _recorded(tmp_path / "second")):
+        assert len(reference) == 12 and len(head) == 8 and len(tail) == 4  # 240 images / 2 ranks / 20 per batch
+        assert head + tail == reference
+    ranks = _recorded(tmp_path / "straight")
+    assert not set(ranks[0][0][1]) & set(ranks[1][0][1])  # the ranks read different samples
+
+
+def test_half_precision_output(small_demo_root: Path):
+    split = load_layout(small_demo_root).val
+    images, _ = next(iter(dali.val_loader(split, 8, 32, 36, 1, 0, 1, "cpu", 0, output_dtype="float16")))
+    reference, _ = next(iter(dali.val_loader(split, 8, 32, 36, 1, 0, 1, "cpu", 0)))
+    assert images.dtype == torch.float16 and images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(images.float(), reference, atol=2e-3)
