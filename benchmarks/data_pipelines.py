@@ -30,7 +30,7 @@ from torchvision import transforms  # noqa: E402
 from torchvision.io import ImageReadMode, decode_image, read_file  # noqa: E402
 
 from data import dali, torchvision_backend  # noqa: E402
-from data.ilsvrc import Split  # noqa: E402
+from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, Split  # noqa: E402
 
 SIZE = 224
 
@@ -101,8 +101,8 @@ def main() -> None:
         raise SystemExit(f"no JPEG files in {args.folder}")
     split = Split(paths, list(range(len(paths))))
     n, b, e = args.threads, args.batch, args.epochs
-    mean = torch.tensor(dali.MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(dali.STD).view(1, 3, 1, 1)
+    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
     results = {"decode ceiling (decode_jpeg, no augmentation)": decode_ceiling(split, n, e)}
     results["torchvision classic (ImageFolder + PIL + transforms)"] = epoch_rates(
         DataLoader(ClassicImageFolder(split), batch_size=b, shuffle=True, num_workers=n, persistent_workers=True), e)

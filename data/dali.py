@@ -14,10 +14,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from data.ilsvrc import Split
+from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, Split
 
-MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 READER = "Reader"
 OUTPUT_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}  # DALI has no bfloat16: autocast casts fp16 input
 
@@ -48,8 +46,8 @@ def ilsvrc_pipeline(
         images = fn.resize(images, resize_shorter=resize_size, antialias=True)
         mirror = 0
     images = fn.crop_mirror_normalize(
-        images, dtype=OUTPUT_DTYPES[output_dtype], output_layout="HWC", crop=(image_size, image_size), mean=list(MEAN),
-        std=list(STD), mirror=mirror,
+        images, dtype=OUTPUT_DTYPES[output_dtype], output_layout="HWC", crop=(image_size, image_size), mean=list(PIXEL_MEAN),
+        std=list(PIXEL_STD), mirror=mirror,
     )
     return images, labels
 

@@ -17,18 +17,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from data import dali, torchvision_backend
-from data.ilsvrc import ILSVRCLayout, load_layout
+from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, ILSVRCLayout, load_layout
 from data.index import indexed_layout
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 BACKENDS = ("torchvision", "dali")
 
 
 class ImageNetDataModule(pl.LightningDataModule):
-    """Batches of ``(images, int64 labels)``; images normalised float32 NCHW once on the device."""
+    """Batches of ``(images, int64 labels)``: normalised floating-point NCHW images, once on the device."""
 
     def __init__(
         self,
@@ -122,7 +120,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         if images.dtype == torch.uint8:
             if images.device not in self._stats:
                 self._stats[images.device] = tuple(
-                    torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD)
+                    torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (PIXEL_MEAN, PIXEL_STD)
                 )
             mean, std = self._stats[images.device]
             images = (images.float() - mean) / std

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data import dali, torchvision_backend
-from data.ilsvrc import Split, load_layout
+from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, Split, load_layout
 from train import train
 
 from .conftest import SHARED_DATA, SMALL_RUN, run_train
@@ -52,8 +52,8 @@ def test_val_matches_the_torchvision_backend(small_demo_root: Path, source: str)
         split = _identified(samples)
     theirs = torchvision_backend.val_loader(split, 8, 56, 64, 0, rank=0, world_size=1, pin_memory=False)
     ours = dali.val_loader(split, 8, 56, 64, 2, rank=0, world_size=1, device="cpu", device_id=0)
-    mean = torch.tensor(dali.MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(dali.STD).view(1, 3, 1, 1)
+    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
     pairs = list(zip(theirs, ours))
     assert len(pairs) == len(theirs) == len(ours)
     correlations = []

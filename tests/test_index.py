@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from data import dali, torchvision_backend
-from data.ilsvrc import Split, load_layout
+from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, Split, load_layout
 from data.index import IndexCache, indexed_layout
 from train import train
 
@@ -89,7 +89,7 @@ def test_oddities_decode_to_rgb(seeded_root: Path, backend: str):
     if backend == "dali":
         batches = dali.val_loader(split, 4, 64, 64, 1, 0, 1, "cpu", 0)
         images, labels = next(iter(batches))
-        images = images * torch.tensor(dali.STD).view(1, 3, 1, 1) + torch.tensor(dali.MEAN).view(1, 3, 1, 1)
+        images = images * torch.tensor(PIXEL_STD).view(1, 3, 1, 1) + torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
     else:
         images, labels = next(iter(torchvision_backend.val_loader(split, 4, 64, 64, 0, 0, 1, False)))
         images = images.float()
