@@ -1,8 +1,8 @@
 """Train an image classifier: config -> data -> model -> trainer -> fit.
 
-    python train.py                                   # ResNet-18 on the embedded demo dataset, CPU
-    python train.py experiment=resnet50 data.root=/datasets/ILSVRC2012 trainer.devices=8
-    python train.py run_id=<an earlier run> ckpt_path=last   # resume that run
+python train.py                                   # ResNet-18 on the embedded demo dataset, CPU
+python train.py experiment=resnet50 data.root=/datasets/ILSVRC2012 trainer.devices=8
+python train.py run_id=<an earlier run> ckpt_path=last   # resume that run
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model, num_classes=datamodule.num_classes)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.callbacks), logger=instantiate_all(cfg.logger))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=instantiate_all(cfg.callbacks), logger=instantiate_all(cfg.logger)
+    )
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

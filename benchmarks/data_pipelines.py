@@ -38,10 +38,14 @@ SIZE = 224
 class ClassicImageFolder(Dataset):
     """The classic torchvision recipe: PIL decode, then transforms on PIL images, ToTensor and Normalize."""
 
-    transform = transforms.Compose([
-        transforms.RandomResizedCrop(SIZE), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(SIZE),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
 
     def __init__(self, split: Split) -> None:
         self.split = split
@@ -75,7 +79,9 @@ def decode_ceiling(split: Split, threads: int, epochs: int) -> list[float]:
     return rates[1:]
 
 
-def epoch_rates(loader: Iterable, epochs: int, finish: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> list[float]:
+def epoch_rates(
+    loader: Iterable, epochs: int, finish: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+) -> list[float]:
     rates = []
     for _ in range(epochs + 1):
         start, count = time.perf_counter(), 0
@@ -105,23 +111,32 @@ def main() -> None:
     std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
     results = {"decode ceiling (decode_jpeg, no augmentation)": decode_ceiling(split, n, e)}
     results["torchvision classic (ImageFolder + PIL + transforms)"] = epoch_rates(
-        DataLoader(ClassicImageFolder(split), batch_size=b, shuffle=True, num_workers=n, persistent_workers=True), e)
+        DataLoader(ClassicImageFolder(split), batch_size=b, shuffle=True, num_workers=n, persistent_workers=True), e
+    )
     results["torchvision fast path (decode_jpeg + transforms.v2 on uint8)"] = epoch_rates(
-        torchvision_backend.train_loader(split, b, SIZE, (0.08, 1.0), n, 0, 1, 0, pin_memory=False), e,
-        finish=lambda x: (x.float() - mean) / std)
+        torchvision_backend.train_loader(split, b, SIZE, (0.08, 1.0), n, 0, 1, 0, pin_memory=False),
+        e,
+        finish=lambda x: (x.float() - mean) / std,
+    )
     results["DALI CPU"] = epoch_rates(dali.train_loader(split, b, SIZE, (0.08, 1.0), n, 0, 1, 0, "cpu", 0), e)
     if torch.cuda.is_available():
-        results["DALI GPU (mixed)"] = epoch_rates(dali.train_loader(split, b, SIZE, (0.08, 1.0), n, 0, 1, 0, "mixed", 0), e)
+        results["DALI GPU (mixed)"] = epoch_rates(
+            dali.train_loader(split, b, SIZE, (0.08, 1.0), n, 0, 1, 0, "mixed", 0), e
+        )
     ceiling = statistics.median(results["decode ceiling (decode_jpeg, no augmentation)"])
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    print(f"\n{len(paths)} JPEGs from {args.folder}; {n} threads/workers on {os.cpu_count()} CPU cores; {gpu}; "
-          f"batch {b}; median of {e} epochs after 1 warm-up; torch {torch.__version__}, torchvision "
-          f"{torchvision.__version__}, DALI {dali.dali_version()}")
+    print(
+        f"\n{len(paths)} JPEGs from {args.folder}; {n} threads/workers on {os.cpu_count()} CPU cores; {gpu}; "
+        f"batch {b}; median of {e} epochs after 1 warm-up; torch {torch.__version__}, torchvision "
+        f"{torchvision.__version__}, DALI {dali.dali_version()}"
+    )
     print(f"{'pipeline':<64}{'img/s':>8}{'of ceiling':>12}")
     for name, rates in results.items():
         print(f"{name:<64}{statistics.median(rates):8.0f}{statistics.median(rates) / ceiling:12.2f}")
     if args.json:
-        args.json.write_text(json.dumps({name: {"median": statistics.median(r), "runs": r} for name, r in results.items()}, indent=1))
+        args.json.write_text(
+            json.dumps({name: {"median": statistics.median(r), "runs": r} for name, r in results.items()}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -58,9 +58,16 @@ def trainer_run(cfg: DictConfig, steps: int, warmup: int) -> float:
     clock = StepClock(warmup)
     callbacks = [c for c in instantiate_all(cfg.callbacks) if not isinstance(c, pl.callbacks.ModelCheckpoint)]
     trainer = instantiate(
-        cfg.trainer, max_steps=steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[*callbacks, clock], logger=instantiate_all(cfg.logger),
+        cfg.trainer,
+        max_steps=steps,
+        max_epochs=-1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, clock],
+        logger=instantiate_all(cfg.logger),
     )
     trainer.fit(module, datamodule=datamodule)
     return (steps - warmup) * datamodule.batch_size / (clock.end - clock.start)
@@ -109,9 +116,11 @@ def main() -> None:
         for _ in range(args.repeats):  # alternate, so drifts in the machine's speed hit both alike
             results["trainer"].append(trainer_run(cfg, args.steps, args.warmup))
             results["plain loop"].append(plain_loop(cfg, args.steps, args.warmup))
-    print(f"\nmodel {cfg.model.net.arch}, batch {cfg.data.batch_size}, image {cfg.data.image_size}px, "
-          f"precision {cfg.trainer.precision}, {args.steps - args.warmup} timed steps after {args.warmup}, "
-          f"{args.repeats} repeats, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}")
+    print(
+        f"\nmodel {cfg.model.net.arch}, batch {cfg.data.batch_size}, image {cfg.data.image_size}px, "
+        f"precision {cfg.trainer.precision}, {args.steps - args.warmup} timed steps after {args.warmup}, "
+        f"{args.repeats} repeats, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+    )
     medians = {name: statistics.median(values) for name, values in results.items()}
     for name, values in results.items():
         print(f"{name:>10}: {medians[name]:8.1f} img/s (median; runs {', '.join(f'{v:.1f}' for v in values)})")

@@ -22,22 +22,43 @@ OUTPUT_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}  # DALI has n
 
 @pipeline_def(enable_conditionals=False)
 def ilsvrc_pipeline(
-    split: Split, training: bool, decoder_device: str, shard_id: int, num_shards: int, image_size: int,
-    resize_size: int, crop_scale: Sequence[float], reader_seed: int, output_dtype: str = "float32",
+    split: Split,
+    training: bool,
+    decoder_device: str,
+    shard_id: int,
+    num_shards: int,
+    image_size: int,
+    resize_size: int,
+    crop_scale: Sequence[float],
+    reader_seed: int,
+    output_dtype: str = "float32",
 ):
     """Train: random-resized crop decoded straight from the JPEG, resize, flip. Val: shorter side, centre crop."""
     jpegs, labels = fn.readers.file(
-        files=split.paths, labels=split.labels, shard_id=shard_id, num_shards=num_shards,
-        pad_last_batch=True, name=READER,
-        **(dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=reader_seed) if training else dict(stick_to_shard=True)),
+        files=split.paths,
+        labels=split.labels,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=True,
+        name=READER,
+        **(
+            dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=reader_seed)
+            if training
+            else dict(stick_to_shard=True)
+        ),
     )
     gpu_options = {}
     if decoder_device == "mixed":  # the hardware decoder's share set explicitly: its default moved across versions
         gpu_options = dict(hw_decoder_load=0.65, device_memory_padding=211_025_920, host_memory_padding=140_544_512)
     if training:
         images = fn.decoders.image_random_crop(
-            jpegs, device=decoder_device, output_type=types.RGB, random_area=list(crop_scale),
-            random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=100, **gpu_options,
+            jpegs,
+            device=decoder_device,
+            output_type=types.RGB,
+            random_area=list(crop_scale),
+            random_aspect_ratio=[3 / 4, 4 / 3],
+            num_attempts=100,
+            **gpu_options,
         )
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
         mirror = fn.random.coin_flip(probability=0.5)
@@ -46,15 +67,23 @@ def ilsvrc_pipeline(
         images = fn.resize(images, resize_shorter=resize_size, antialias=True)
         mirror = 0
     images = fn.crop_mirror_normalize(
-        images, dtype=OUTPUT_DTYPES[output_dtype], output_layout="HWC", crop=(image_size, image_size), mean=list(PIXEL_MEAN),
-        std=list(PIXEL_STD), mirror=mirror,
+        images,
+        dtype=OUTPUT_DTYPES[output_dtype],
+        output_layout="HWC",
+        crop=(image_size, image_size),
+        mean=list(PIXEL_MEAN),
+        std=list(PIXEL_STD),
+        mirror=mirror,
     )
     return images, labels
 
 
 def _iterator(pipeline, last_batch_policy: LastBatchPolicy) -> DALIGenericIterator:
     return DALIGenericIterator(
-        pipeline, ["images", "labels"], reader_name=READER, last_batch_policy=last_batch_policy,
+        pipeline,
+        ["images", "labels"],
+        reader_name=READER,
+        last_batch_policy=last_batch_policy,
         prepare_first_batch=False,
     )
 
@@ -108,8 +137,12 @@ class ResumableDaliLoader(DaliLoader):
     """
 
     def __init__(
-        self, build_pipeline: Callable[[str | None], object], batches_per_epoch: int,
-        trained_batches: Callable[[], int], rank: int, world_size: int,
+        self,
+        build_pipeline: Callable[[str | None], object],
+        batches_per_epoch: int,
+        trained_batches: Callable[[], int],
+        rank: int,
+        world_size: int,
     ) -> None:
         super().__init__(build_pipeline(None), batches_per_epoch, LastBatchPolicy.DROP)
         self.build_pipeline, self.trained_batches = build_pipeline, trained_batches
@@ -159,9 +192,18 @@ def batches_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
 
 
 def train_loader(
-    split: Split, batch_size: int, image_size: int, crop_scale: Sequence[float], num_threads: int,
-    rank: int, world_size: int, seed: int, device: str, device_id: int,
-    trained_batches: Callable[[], int] = lambda: 0, output_dtype: str = "float32",
+    split: Split,
+    batch_size: int,
+    image_size: int,
+    crop_scale: Sequence[float],
+    num_threads: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device: str,
+    device_id: int,
+    trained_batches: Callable[[], int] = lambda: 0,
+    output_dtype: str = "float32",
 ) -> ResumableDaliLoader:
     """Every rank runs ``batches_per_epoch`` steps: the same count on each, full batches only.
 
@@ -169,10 +211,22 @@ def train_loader(
     """
     decoder = decoder_device(device)
     build_pipeline = partial(
-        ilsvrc_pipeline, split=split, training=True, decoder_device=decoder, shard_id=rank, num_shards=world_size,
-        image_size=image_size, resize_size=image_size, crop_scale=crop_scale, reader_seed=seed,
-        batch_size=batch_size, num_threads=num_threads, device_id=device_id if decoder == "mixed" else None,
-        seed=seed + 1 + rank, enable_checkpointing=True, output_dtype=output_dtype,
+        ilsvrc_pipeline,
+        split=split,
+        training=True,
+        decoder_device=decoder,
+        shard_id=rank,
+        num_shards=world_size,
+        image_size=image_size,
+        resize_size=image_size,
+        crop_scale=crop_scale,
+        reader_seed=seed,
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if decoder == "mixed" else None,
+        seed=seed + 1 + rank,
+        enable_checkpointing=True,
+        output_dtype=output_dtype,
     )
     steps = batches_per_epoch(len(split), world_size, batch_size)
     return ResumableDaliLoader(
@@ -181,15 +235,32 @@ def train_loader(
 
 
 def val_loader(
-    split: Split, batch_size: int, image_size: int, resize_size: int, num_threads: int, rank: int,
-    world_size: int, device: str, device_id: int, output_dtype: str = "float32",
+    split: Split,
+    batch_size: int,
+    image_size: int,
+    resize_size: int,
+    num_threads: int,
+    rank: int,
+    world_size: int,
+    device: str,
+    device_id: int,
+    output_dtype: str = "float32",
 ) -> DaliLoader:
     """Each rank its own contiguous shard, the last batch partial: every image counted exactly once."""
     decoder = decoder_device(device)
     pipeline = ilsvrc_pipeline(
-        split=split, training=False, decoder_device=decoder, shard_id=rank, num_shards=world_size,
-        image_size=image_size, resize_size=resize_size, crop_scale=(1.0, 1.0), reader_seed=0,
-        batch_size=batch_size, num_threads=num_threads, device_id=device_id if decoder == "mixed" else None,
+        split=split,
+        training=False,
+        decoder_device=decoder,
+        shard_id=rank,
+        num_shards=world_size,
+        image_size=image_size,
+        resize_size=resize_size,
+        crop_scale=(1.0, 1.0),
+        reader_seed=0,
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if decoder == "mixed" else None,
         output_dtype=output_dtype,
     )
     return DaliLoader(pipeline, None, LastBatchPolicy.PARTIAL)

@@ -53,7 +53,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.dali_device = dali.decoder_device(dali_device) if backend == "dali" else None
         if dali_output_dtype not in dali.OUTPUT_DTYPES:
-            raise ValueError(f"data.dali_output_dtype must be one of {list(dali.OUTPUT_DTYPES)}, got {dali_output_dtype!r}")
+            raise ValueError(
+                f"data.dali_output_dtype must be one of {list(dali.OUTPUT_DTYPES)}, got {dali_output_dtype!r}"
+            )
         self.dali_output_dtype = dali_output_dtype
         self.index, self.index_workers, self.cache_dir = index, index_workers or os.cpu_count(), cache_dir
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -94,25 +96,55 @@ class ImageNetDataModule(pl.LightningDataModule):
         rank, world_size = self._rank_and_world()
         if self.backend == "dali":
             return dali.train_loader(
-                self.layout.train, self.batch_size, self.image_size, self.train_crop_scale, self._dali_threads,
-                rank, world_size, self.seed, self.dali_device, self._local_rank(), self._trained_batches,
+                self.layout.train,
+                self.batch_size,
+                self.image_size,
+                self.train_crop_scale,
+                self._dali_threads,
+                rank,
+                world_size,
+                self.seed,
+                self.dali_device,
+                self._local_rank(),
+                self._trained_batches,
                 self.dali_output_dtype,
             )
         return torchvision_backend.train_loader(
-            self.layout.train, self.batch_size, self.image_size, self.train_crop_scale, self.num_workers,
-            rank, world_size, self.seed, self.pin_memory,
+            self.layout.train,
+            self.batch_size,
+            self.image_size,
+            self.train_crop_scale,
+            self.num_workers,
+            rank,
+            world_size,
+            self.seed,
+            self.pin_memory,
         )
 
     def val_dataloader(self) -> DataLoader | dali.DaliLoader:
         rank, world_size = self._rank_and_world()
         if self.backend == "dali":
             return dali.val_loader(
-                self.layout.val, self.batch_size, self.image_size, self.val_resize_size, self._dali_threads,
-                rank, world_size, self.dali_device, self._local_rank(), self.dali_output_dtype,
+                self.layout.val,
+                self.batch_size,
+                self.image_size,
+                self.val_resize_size,
+                self._dali_threads,
+                rank,
+                world_size,
+                self.dali_device,
+                self._local_rank(),
+                self.dali_output_dtype,
             )
         return torchvision_backend.val_loader(
-            self.layout.val, self.batch_size, self.image_size, self.val_resize_size, self.num_workers,
-            rank, world_size, self.pin_memory,
+            self.layout.val,
+            self.batch_size,
+            self.image_size,
+            self.val_resize_size,
+            self.num_workers,
+            rank,
+            world_size,
+            self.pin_memory,
         )
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):

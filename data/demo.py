@@ -24,7 +24,18 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3  # bump when the drawing changes: the cache folder name changes with it
 SHAPES = ("disc", "triangle", "square", "pentagon", "hexagon", "star", "cross", "bar", "rhombus", "ring")
-TEXTURES = ("stripes", "checker", "dots", "grid", "fine_stripes", "solid", "waves", "coarse_checker", "speckle", "rings")
+TEXTURES = (
+    "stripes",
+    "checker",
+    "dots",
+    "grid",
+    "fine_stripes",
+    "solid",
+    "waves",
+    "coarse_checker",
+    "speckle",
+    "rings",
+)
 ASPECT_RATIOS = (4 / 3, 3 / 4, 1.0, 3 / 2, 2 / 3, 5 / 4)  # ImageNet's common photo formats
 
 
@@ -53,7 +64,20 @@ def _outline(shape: str) -> tuple[np.ndarray, np.ndarray]:
         xy = [(1.0, half_width), (-1.0, half_width), (-1.0, -half_width), (1.0, -half_width)]
     else:
         w = half_width
-        xy = [(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w), (-w, 1)]
+        xy = [
+            (w, 1),
+            (w, w),
+            (1, w),
+            (1, -w),
+            (w, -w),
+            (w, -1),
+            (-w, -1),
+            (-w, -w),
+            (-1, -w),
+            (-1, w),
+            (-w, w),
+            (-w, 1),
+        ]
     return np.array([np.arctan2(y, x) for x, y in xy]), np.array([np.hypot(x, y) for x, y in xy])
 
 

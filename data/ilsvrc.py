@@ -56,8 +56,7 @@ class ILSVRCLayout:
 
     def summary(self) -> str:
         text = (
-            f"{self.root}: {self.num_classes} classes, {len(self.train):,} train images, "
-            f"{len(self.val):,} val images"
+            f"{self.root}: {self.num_classes} classes, {len(self.train):,} train images, {len(self.val):,} val images"
         )
         if self.num_classes == FULL_ILSVRC2012["classes"]:
             text += " (full ILSVRC-2012: {classes} / {train:,} / {val:,})".format(**FULL_ILSVRC2012)
@@ -162,7 +161,9 @@ def load_layout(root: str | os.PathLike) -> ILSVRCLayout:
     train_dir, val_dir = root / "train", root / "val"
     for split_dir in (train_dir, val_dir):
         if not split_dir.is_dir():
-            raise DatasetLayoutError(f"{split_dir} is missing: expected {root}/{{train,val}}/ in the ILSVRC-2012 layout")
+            raise DatasetLayoutError(
+                f"{split_dir} is missing: expected {root}/{{train,val}}/ in the ILSVRC-2012 layout"
+            )
     wnids = _subfolders(train_dir)
     if not wnids:
         raise DatasetLayoutError(f"{train_dir} has no class folders: expected {train_dir}/<wnid>/*.JPEG")
@@ -171,7 +172,11 @@ def load_layout(root: str | os.PathLike) -> ILSVRCLayout:
     empty = sorted(set(wnids) - {wnids[label] for label in set(train.labels)})
     if empty:
         raise DatasetLayoutError(f"{train_dir / empty[0]} holds no images ({len(empty)} such class folders)")
-    val = _scan_class_folders(val_dir, class_index) if _subfolders(val_dir) else _scan_flat_val(root, val_dir, class_index)
+    val = (
+        _scan_class_folders(val_dir, class_index)
+        if _subfolders(val_dir)
+        else _scan_flat_val(root, val_dir, class_index)
+    )
     if not len(val):
         raise DatasetLayoutError(f"{val_dir} holds no images")
     return ILSVRCLayout(root, wnids, _class_names(root, wnids), train, val)

@@ -92,10 +92,16 @@ def index_files(paths: list[str], cache: IndexCache, full: bool, workers: int) -
     if todo:
         chunks = [todo[i : i + 256] for i in range(0, len(todo), 256)]
         last_save = time.monotonic()
-        with ProcessPoolExecutor(max_workers=workers) as pool, tqdm(
-            total=len(todo), desc=f"Checking images ({'decode' if full else 'headers'})", unit="img",
-            disable=None, mininterval=10 if not os.isatty(2) else 0.1,
-        ) as progress:
+        with (
+            ProcessPoolExecutor(max_workers=workers) as pool,
+            tqdm(
+                total=len(todo),
+                desc=f"Checking images ({'decode' if full else 'headers'})",
+                unit="img",
+                disable=None,
+                mininterval=10 if not os.isatty(2) else 0.1,
+            ) as progress,
+        ):
             for chunk, results in zip(chunks, pool.map(_check_many, chunks, [full] * len(chunks))):
                 for path, verdict in zip(chunk, results):
                     verdicts[path] = verdict
@@ -126,8 +132,13 @@ def indexed_layout(layout: ILSVRCLayout, mode: str, cache_dir: str | os.PathLike
         log.warning("Excluded %s: %s", path, reason)
     if excluded:
         reasons = Counter(reason.split(":")[0] for reason in excluded.values())
-        log.warning("Excluded %d of %d files (%s); verdicts cached in %s", len(excluded), len(verdicts),
-                    ", ".join(f"{n} {r}" for r, n in reasons.most_common()), cache.path)
+        log.warning(
+            "Excluded %d of %d files (%s); verdicts cached in %s",
+            len(excluded),
+            len(verdicts),
+            ", ".join(f"{n} {r}" for r, n in reasons.most_common()),
+            cache.path,
+        )
     return replace(layout, train=_keep(layout.train, verdicts), val=_keep(layout.val, verdicts))
 
 
@@ -136,7 +147,11 @@ def main() -> None:
     parser.add_argument("root", type=Path)
     parser.add_argument("--mode", choices=MODES[1:], default="fast")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "imagenet-pipeline")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "imagenet-pipeline",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     layout = indexed_layout(load_layout(args.root), args.mode, args.cache_dir, args.workers)

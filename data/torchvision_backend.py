@@ -15,9 +15,12 @@ from torchvision.transforms import v2
 
 from data.ilsvrc import Split
 
+
 def train_transform(image_size: int, crop_scale: Sequence[float]) -> v2.Transform:
     """Inception-style augmentation: random-resized crop (aspect 3/4..4/3) and a horizontal flip."""
-    return v2.Compose([v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True), v2.RandomHorizontalFlip()])
+    return v2.Compose(
+        [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True), v2.RandomHorizontalFlip()]
+    )
 
 
 def val_transform(image_size: int, resize_size: int) -> v2.Transform:
@@ -61,23 +64,45 @@ class EpochSeededSampler(DistributedSampler):
 
 
 def train_loader(
-    split: Split, batch_size: int, image_size: int, crop_scale: Sequence[float], num_workers: int,
-    rank: int, world_size: int, seed: int, pin_memory: bool,
+    split: Split,
+    batch_size: int,
+    image_size: int,
+    crop_scale: Sequence[float],
+    num_workers: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    pin_memory: bool,
 ) -> DataLoader:
     sampler = EpochSeededSampler(split, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     return DataLoader(
-        ImageFiles(split, train_transform(image_size, crop_scale)), batch_size=batch_size, sampler=sampler,
-        num_workers=num_workers, pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
+        ImageFiles(split, train_transform(image_size, crop_scale)),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
     )
 
 
 def val_loader(
-    split: Split, batch_size: int, image_size: int, resize_size: int, num_workers: int,
-    rank: int, world_size: int, pin_memory: bool,
+    split: Split,
+    batch_size: int,
+    image_size: int,
+    resize_size: int,
+    num_workers: int,
+    rank: int,
+    world_size: int,
+    pin_memory: bool,
 ) -> DataLoader:
     """Each image exactly once across ranks: no padding duplicates (ranks may differ by one batch)."""
     sampler = UnrepeatedDistributedSampler(split, num_replicas=world_size, rank=rank, shuffle=False)
     return DataLoader(
-        ImageFiles(split, val_transform(image_size, resize_size)), batch_size=batch_size, sampler=sampler,
-        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        ImageFiles(split, val_transform(image_size, resize_size)),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
     )

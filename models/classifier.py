@@ -92,7 +92,8 @@ class ImageClassifier(pl.LightningModule):
             f"Learning rate {lr:g} = {base_lr:g} x global batch {global_batch} / {reference} "
             f"({trainer.datamodule.batch_size} per device x {trainer.world_size} devices "
             f"x {trainer.accumulate_grad_batches} accumulated)"
-            if reference else f"Learning rate {lr:g} (no batch scaling); global batch {global_batch}"
+            if reference
+            else f"Learning rate {lr:g} (no batch scaling); global batch {global_batch}"
         )
         optimizer = self.optimizer_factory(self._parameter_groups(), lr=lr)
         if self.scheduler_factory is None:

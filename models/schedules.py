@@ -24,7 +24,10 @@ def _factor(step: int, steps_per_epoch: int, warmup_epochs: float, shape: Callab
 
 
 def multistep(
-    optimizer: Optimizer, steps_per_epoch: int, milestones: Sequence[float], gamma: float = 0.1,
+    optimizer: Optimizer,
+    steps_per_epoch: int,
+    milestones: Sequence[float],
+    gamma: float = 0.1,
     warmup_epochs: float = 0.0,
 ) -> LambdaLR:
     """lr x gamma at each milestone epoch (He et al. 2015: /10 at 30, 60, 80)."""
@@ -32,11 +35,16 @@ def multistep(
     def shape(epoch: float) -> float:
         return gamma ** sum(epoch >= m for m in milestones)
 
-    return LambdaLR(optimizer, partial(_factor, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs, shape=shape))
+    return LambdaLR(
+        optimizer, partial(_factor, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs, shape=shape)
+    )
 
 
 def cosine(
-    optimizer: Optimizer, steps_per_epoch: int, max_epochs: float, warmup_epochs: float = 0.0,
+    optimizer: Optimizer,
+    steps_per_epoch: int,
+    max_epochs: float,
+    warmup_epochs: float = 0.0,
     final_fraction: float = 0.0,
 ) -> LambdaLR:
     """Half-cosine from the base lr to ``final_fraction`` of it at ``max_epochs``, after a linear warmup."""
@@ -45,4 +53,6 @@ def cosine(
         progress = min(1.0, (epoch - warmup_epochs) / max(max_epochs - warmup_epochs, 1e-8))
         return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return LambdaLR(optimizer, partial(_factor, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs, shape=shape))
+    return LambdaLR(
+        optimizer, partial(_factor, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs, shape=shape)
+    )

@@ -23,8 +23,13 @@ os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 # A small demo dataset and settings under which ResNet-18 learns it in seconds on 2 CPU cores.
 SMALL_DEMO = dict(num_classes=4, train_per_class=60, val_per_class=15, short_side=48)
 SMALL_RUN = [
-    "experiment=demo", "data.image_size=32", "data.val_resize_size=36", "data.batch_size=20", "data.num_workers=0",
-    "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+    "experiment=demo",
+    "data.image_size=32",
+    "data.val_resize_size=36",
+    "data.batch_size=20",
+    "data.num_workers=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
     *(f"data.root.{key}={value}" for key, value in SMALL_DEMO.items()),
 ]
 
@@ -61,7 +66,10 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
 def run_train(*overrides: str, cache_dir: Path, run_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python train.py OVERRIDES`` in a subprocess, the way a user runs it."""
     command = [
-        sys.executable, str(PROJECT_ROOT / "train.py"), f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}",
+        sys.executable,
+        str(PROJECT_ROOT / "train.py"),
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}",
         *overrides,
     ]
     return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)

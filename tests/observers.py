@@ -14,8 +14,13 @@ class RankMetrics(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-        record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
-                  "val_batches": trainer.num_val_batches, "metrics": metrics}
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
+            "val_batches": trainer.num_val_batches,
+            "metrics": metrics,
+        }
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 

@@ -62,7 +62,9 @@ def test_val_matches_the_torchvision_backend(small_demo_root: Path, source: str)
         assert images.shape == reference.shape
         reference = (reference.float() - mean) / std
         assert (images - reference).abs().mean() < 0.2  # 12 of 255 grey levels: decoders and resize filters differ
-        correlations += [torch.corrcoef(torch.stack(pair))[0, 1] for pair in zip(images.flatten(1), reference.flatten(1))]
+        correlations += [
+            torch.corrcoef(torch.stack(pair))[0, 1] for pair in zip(images.flatten(1), reference.flatten(1))
+        ]
     # Same content in the same place: another image of the set correlates at most ~0.55 (measured), the same one
     # at a median of 0.98 (a pixel of offset in the centre crop costs fine textures the most).
     assert min(correlations) > 0.8 and torch.stack(correlations).median() > 0.95
@@ -110,8 +112,12 @@ def test_trainer_epochs_with_dali(make_cfg, tmp_path: Path):
     from tests.observers import BatchCounter
 
     cfg = make_cfg(
-        *SMALL_RUN, "data.backend=dali", "trainer.max_epochs=3", "+trainer.limit_val_batches=2",
-        "+trainer.num_sanity_val_steps=2", "+callbacks.counter._target_=tests.observers.BatchCounter",
+        *SMALL_RUN,
+        "data.backend=dali",
+        "trainer.max_epochs=3",
+        "+trainer.limit_val_batches=2",
+        "+trainer.num_sanity_val_steps=2",
+        "+callbacks.counter._target_=tests.observers.BatchCounter",
     )
     metrics = train(cfg)
     counts = BatchCounter.last.train_batches_per_epoch
@@ -140,23 +146,41 @@ def _recorded(folder: Path) -> list[list]:
 def test_mid_epoch_resume_replays_the_exact_samples_on_two_ranks(tmp_path: Path):
     """Interrupted after step 8 (2 batches into epoch 2), resumed: each rank trains the uninterrupted sequence."""
     run = [
-        *SMALL_RUN, "data.backend=dali", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.max_epochs=2", "+callbacks.recorder._target_=tests.observers.SampleRecorder",
+        *SMALL_RUN,
+        "data.backend=dali",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_epochs=2",
+        "+callbacks.recorder._target_=tests.observers.SampleRecorder",
     ]
     cache = tmp_path / "cache"
-    straight = run_train(*run, f"+callbacks.recorder.folder={tmp_path / 'straight'}", cache_dir=cache,
-                         run_dir=tmp_path / "a")
+    straight = run_train(
+        *run, f"+callbacks.recorder.folder={tmp_path / 'straight'}", cache_dir=cache, run_dir=tmp_path / "a"
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
     checkpoint = tmp_path / "preempted.ckpt"
     first = run_train(
-        *run, f"+callbacks.recorder.folder={tmp_path / 'first'}", "+callbacks.interrupt._target_=tests.observers.InterruptAtStep",
-        "+callbacks.interrupt.step=8", f"+callbacks.interrupt.path={checkpoint}", cache_dir=cache, run_dir=tmp_path / "b",
+        *run,
+        f"+callbacks.recorder.folder={tmp_path / 'first'}",
+        "+callbacks.interrupt._target_=tests.observers.InterruptAtStep",
+        "+callbacks.interrupt.step=8",
+        f"+callbacks.interrupt.path={checkpoint}",
+        cache_dir=cache,
+        run_dir=tmp_path / "b",
     )
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_train(*run, f"+callbacks.recorder.folder={tmp_path / 'second'}", f"ckpt_path={checkpoint}",
-                       cache_dir=cache, run_dir=tmp_path / "b")
+    second = run_train(
+        *run,
+        f"+callbacks.recorder.folder={tmp_path / 'second'}",
+        f"ckpt_path={checkpoint}",
+        cache_dir=cache,
+        run_dir=tmp_path / "b",
+    )
     assert second.returncode == 0, second.stderr[-3000:]
-    for reference, head, tail in zip(_recorded(tmp_path / "straight"), _recorded(tmp_path / "first"), _recorded(tmp_path / "second")):
+    for reference, head, tail in zip(
+        _recorded(tmp_path / "straight"), _recorded(tmp_path / "first"), _recorded(tmp_path / "second")
+    ):
         assert len(reference) == 12 and len(head) == 8 and len(tail) == 4  # 240 images / 2 ranks / 20 per batch
         assert head + tail == reference
     ranks = _recorded(tmp_path / "straight")

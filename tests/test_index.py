@@ -109,7 +109,8 @@ def test_training_runs_over_the_indexed_files(make_cfg, seeded_root: Path):
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_a_file_broken_after_indexing_stops_the_run_naming_it(make_cfg, seeded_root: Path, backend: str):
-    cfg = make_cfg(*SMALL_RUN, f"data.root={seeded_root}", f"data.backend={backend}", "data.index=none",
-                   "trainer.max_epochs=1")
+    cfg = make_cfg(
+        *SMALL_RUN, f"data.root={seeded_root}", f"data.backend={backend}", "data.index=none", "trainer.max_epochs=1"
+    )
     with pytest.raises(Exception, match=r"train/n\d{8}/(empty|truncated|random_bytes|text)\.JPEG"):
         train(cfg)

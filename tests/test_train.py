@@ -15,8 +15,14 @@ from .conftest import SMALL_RUN, run_train
 
 # Enough data and pixels for ResNet-18 to learn 4 classes in under a minute on 2 cores (chance: 0.25).
 LEARN = [
-    *SMALL_RUN, "data.root.train_per_class=100", "data.root.short_side=64", "data.image_size=48",
-    "data.val_resize_size=54", "data.batch_size=25", "optimizer.lr=0.3", "trainer.max_epochs=8",
+    *SMALL_RUN,
+    "data.root.train_per_class=100",
+    "data.root.short_side=64",
+    "data.image_size=48",
+    "data.val_resize_size=54",
+    "data.batch_size=25",
+    "optimizer.lr=0.3",
+    "trainer.max_epochs=8",
 ]
 
 
@@ -42,7 +48,7 @@ def _final_state(run_dir: Path) -> dict:
 
 @pytest.mark.parametrize("precision", ["32-true", pytest.param("bf16-mixed", marks=pytest.mark.slow)])
 def test_resume_equals_uninterrupted(make_cfg, tmp_path: Path, precision: str):
-    """2 epochs straight == interrupted after 1, then resumed: same step, epoch, weights, optimizer, schedule, metrics."""
+    """2 epochs straight == interrupted after 1, then resumed: same step, epoch, weights, optimizer, schedule."""
     base = [*SMALL_RUN, f"trainer.precision={precision}", "data.root.train_per_class=10", "trainer.max_epochs=2"]
     straight = train(make_cfg(*base))
     reference = _final_state(tmp_path / "run")
@@ -70,10 +76,16 @@ def test_resume_equals_uninterrupted(make_cfg, tmp_path: Path, precision: str):
 def test_ddp_two_cpu_processes_agree(tmp_path: Path):
     run_dir, observer = tmp_path / "run", tmp_path / "ranks"
     result = run_train(
-        *SMALL_RUN, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2",
+        *SMALL_RUN,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_epochs=2",
         "data.root.val_per_class=13",  # 52 val images: 26 per rank, 2 batches of 20 and 6
-        f"+callbacks.rank_metrics._target_=tests.observers.RankMetrics", f"+callbacks.rank_metrics.folder={observer}",
-        cache_dir=tmp_path / "cache", run_dir=run_dir,
+        "+callbacks.rank_metrics._target_=tests.observers.RankMetrics",
+        f"+callbacks.rank_metrics.folder={observer}",
+        cache_dir=tmp_path / "cache",
+        run_dir=run_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((observer / f"rank{r}.json").read_text()) for r in (0, 1)]
