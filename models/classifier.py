@@ -98,7 +98,7 @@ class ImageClassifier(pl.LightningModule):
         optimizer = self.optimizer_factory(self._parameter_groups(), lr=lr)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        steps_per_epoch = math.ceil(self._batches_per_epoch() / trainer.accumulate_grad_batches)
+        steps_per_epoch = max(1, math.ceil(self._batches_per_epoch() / trainer.accumulate_grad_batches))
         scheduler = self.scheduler_factory(optimizer, steps_per_epoch=steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

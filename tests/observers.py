@@ -87,3 +87,22 @@ class InterruptAtStep(pl.Callback):
         if trainer.global_step == self.step:
             trainer.save_checkpoint(self.path)
             trainer.should_stop = True
+
+
+class ValidationRecord(pl.Callback):
+    """Each rank writes the reduced val metrics of the first validation and how many images it saw itself."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.images = Path(folder), 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.images += len(batch[1])
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        path = self.folder / f"rank{trainer.global_rank}.json"
+        if path.exists():
+            return
+        metrics = {name: float(value) for name, value in pl_module.val_metrics.compute().items()}
+        record = {"images": self.images, "metrics": metrics, "loss": float(pl_module.val_loss.compute())}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))

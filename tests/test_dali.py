@@ -193,3 +193,37 @@ def test_half_precision_output(small_demo_root: Path):
     reference, _ = next(iter(dali.val_loader(split, 8, 32, 36, 1, 0, 1, "cpu", 0)))
     assert images.dtype == torch.float16 and images.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(images.float(), reference, atol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_val_metrics_over_two_ranks_equal_one_rank(tmp_path: Path, backend: str):
+    """The same weights validated by 1 and by 2 ranks over 39 images: 20 and 19 per rank, nothing padded."""
+    run = [
+        *SMALL_RUN,
+        f"data.backend={backend}",
+        "data.root.num_classes=3",
+        "data.root.val_per_class=13",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=0",
+        "+trainer.num_sanity_val_steps=-1",  # only a full validation
+        "+callbacks.record._target_=tests.observers.ValidationRecord",
+    ]
+    results = {}
+    for devices in (1, 2):
+        folder = tmp_path / f"devices{devices}"
+        ddp = ["trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={devices}"]
+        result = run_train(
+            *run,
+            *ddp,
+            f"+callbacks.record.folder={folder}",
+            cache_dir=tmp_path / "cache",
+            run_dir=tmp_path / f"run{devices}",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[devices] = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(devices)]
+    assert results[1][0]["images"] == 39 and sorted(r["images"] for r in results[2]) == [19, 20]
+    one = results[1][0]
+    for rank in results[2]:
+        assert rank["metrics"] == pytest.approx(one["metrics"], abs=1e-6)
+        assert rank["loss"] == pytest.approx(one["loss"], rel=1e-5)
