@@ -22,6 +22,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
+import nvidia.dali  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -128,7 +129,7 @@ def main() -> None:
     print(
         f"\n{len(paths)} JPEGs from {args.folder}; {n} threads/workers on {os.cpu_count()} CPU cores; {gpu}; "
         f"batch {b}; median of {e} epochs after 1 warm-up; torch {torch.__version__}, torchvision "
-        f"{torchvision.__version__}, DALI {dali.dali_version()}"
+        f"{torchvision.__version__}, DALI {nvidia.dali.__version__}"
     )
     print(f"{'pipeline':<64}{'img/s':>8}{'of ceiling':>12}")
     for name, rates in results.items():

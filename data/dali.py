@@ -191,6 +191,17 @@ def batches_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
     return steps
 
 
+def _placement(device: str, device_id: int, rank: int, world_size: int) -> dict:
+    """Pipeline arguments that say where it decodes and which shard it reads."""
+    decoder = decoder_device(device)
+    return dict(
+        decoder_device=decoder,
+        device_id=device_id if decoder == "mixed" else None,
+        shard_id=rank,
+        num_shards=world_size,
+    )
+
+
 def train_loader(
     split: Split,
     batch_size: int,
@@ -209,24 +220,20 @@ def train_loader(
 
     ``trained_batches`` tells, when a checkpoint is restored, how many batches of its epoch were trained.
     """
-    decoder = decoder_device(device)
     build_pipeline = partial(
         ilsvrc_pipeline,
         split=split,
         training=True,
-        decoder_device=decoder,
-        shard_id=rank,
-        num_shards=world_size,
         image_size=image_size,
         resize_size=image_size,
         crop_scale=crop_scale,
         reader_seed=seed,
         batch_size=batch_size,
         num_threads=num_threads,
-        device_id=device_id if decoder == "mixed" else None,
         seed=seed + 1 + rank,
         enable_checkpointing=True,
         output_dtype=output_dtype,
+        **_placement(device, device_id, rank, world_size),
     )
     steps = batches_per_epoch(len(split), world_size, batch_size)
     return ResumableDaliLoader(
@@ -247,26 +254,16 @@ def val_loader(
     output_dtype: str = "float32",
 ) -> DaliLoader:
     """Each rank its own contiguous shard, the last batch partial: every image counted exactly once."""
-    decoder = decoder_device(device)
     pipeline = ilsvrc_pipeline(
         split=split,
         training=False,
-        decoder_device=decoder,
-        shard_id=rank,
-        num_shards=world_size,
         image_size=image_size,
         resize_size=resize_size,
         crop_scale=(1.0, 1.0),
         reader_seed=0,
         batch_size=batch_size,
         num_threads=num_threads,
-        device_id=device_id if decoder == "mixed" else None,
         output_dtype=output_dtype,
+        **_placement(device, device_id, rank, world_size),
     )
     return DaliLoader(pipeline, None, LastBatchPolicy.PARTIAL)
-
-
-def dali_version() -> str:
-    from nvidia.dali import __version__
-
-    return __version__
