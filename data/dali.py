@@ -147,7 +147,7 @@ class ResumableDaliLoader(DaliLoader):
         super().__init__(build_pipeline(None), batches_per_epoch, LastBatchPolicy.DROP)
         self.build_pipeline, self.trained_batches = build_pipeline, trained_batches
         self.rank, self.world_size = rank, world_size
-        self.epoch_start = self.iterator.checkpoints()[0]
+        self.epoch_start: str | None = None  # set when an epoch starts; read only while one runs
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._finish_epoch()
@@ -171,7 +171,6 @@ class ResumableDaliLoader(DaliLoader):
             )
         self.iterator = _iterator(self.build_pipeline(checkpoints[self.rank]), self.last_batch_policy)
         self.in_epoch, self.replay = False, self.trained_batches()
-        self.epoch_start = self.iterator.checkpoints()[0]
 
 
 def decoder_device(device: str) -> str:

@@ -94,58 +94,45 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader | dali.DaliLoader:
         rank, world_size = self._rank_and_world()
+        shared = dict(
+            split=self.layout.train,
+            batch_size=self.batch_size,
+            image_size=self.image_size,
+            crop_scale=self.train_crop_scale,
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+        )
         if self.backend == "dali":
             return dali.train_loader(
-                self.layout.train,
-                self.batch_size,
-                self.image_size,
-                self.train_crop_scale,
-                self._dali_threads,
-                rank,
-                world_size,
-                self.seed,
-                self.dali_device,
-                self._local_rank(),
-                self._trained_batches,
-                self.dali_output_dtype,
+                **shared,
+                num_threads=self._dali_threads,
+                device=self.dali_device,
+                device_id=self._local_rank(),
+                trained_batches=self._trained_batches,
+                output_dtype=self.dali_output_dtype,
             )
-        return torchvision_backend.train_loader(
-            self.layout.train,
-            self.batch_size,
-            self.image_size,
-            self.train_crop_scale,
-            self.num_workers,
-            rank,
-            world_size,
-            self.seed,
-            self.pin_memory,
-        )
+        return torchvision_backend.train_loader(**shared, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader | dali.DaliLoader:
         rank, world_size = self._rank_and_world()
+        shared = dict(
+            split=self.layout.val,
+            batch_size=self.batch_size,
+            image_size=self.image_size,
+            resize_size=self.val_resize_size,
+            rank=rank,
+            world_size=world_size,
+        )
         if self.backend == "dali":
             return dali.val_loader(
-                self.layout.val,
-                self.batch_size,
-                self.image_size,
-                self.val_resize_size,
-                self._dali_threads,
-                rank,
-                world_size,
-                self.dali_device,
-                self._local_rank(),
-                self.dali_output_dtype,
+                **shared,
+                num_threads=self._dali_threads,
+                device=self.dali_device,
+                device_id=self._local_rank(),
+                output_dtype=self.dali_output_dtype,
             )
-        return torchvision_backend.val_loader(
-            self.layout.val,
-            self.batch_size,
-            self.image_size,
-            self.val_resize_size,
-            self.num_workers,
-            rank,
-            world_size,
-            self.pin_memory,
-        )
+        return torchvision_backend.val_loader(**shared, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
         images, labels = batch

@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -22,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_image, read_file
 from tqdm import tqdm
 
 from data.ilsvrc import ILSVRCLayout, Split, load_layout
@@ -36,19 +38,18 @@ SAVE_EVERY_S = 30.0
 def check_image(path: str, full: bool) -> str:
     """'ok', or why the file cannot be trained on."""
     try:
-        if os.path.getsize(path) == 0:
+        size = os.path.getsize(path)
+        if size == 0:
             return "empty file"
         with Image.open(path) as image:
             if image.format not in END_MARKERS:
                 return f"{image.format} is not a JPEG or PNG"
             fmt = image.format
         with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 1024))  # some writers pad after the marker
+            f.seek(max(0, size - 1024))  # some writers pad after the marker
             if END_MARKERS[fmt] not in f.read():
                 return f"truncated {fmt} (no end marker)"
         if full:
-            from torchvision.io import ImageReadMode, decode_image, read_file
-
             decode_image(read_file(path), mode=ImageReadMode.RGB)
     except UnidentifiedImageError:
         return "not an image file"
@@ -98,8 +99,7 @@ def index_files(paths: list[str], cache: IndexCache, full: bool, workers: int) -
                 total=len(todo),
                 desc=f"Checking images ({'decode' if full else 'headers'})",
                 unit="img",
-                disable=None,
-                mininterval=10 if not os.isatty(2) else 0.1,
+                mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s
             ) as progress,
         ):
             for chunk, results in zip(chunks, pool.map(_check_many, chunks, [full] * len(chunks))):
