@@ -109,11 +109,11 @@ class DaliLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._finish_epoch()
         self.in_epoch = True
+        replay, self.replay = self.replay, 0  # now: Lightning may never resume this generator after its last batch
         for index in range(self.batches_per_epoch):
             batch = next(self.iterator)[0]
-            if index >= self.replay:
+            if index >= replay:
                 yield batch["images"].permute(0, 3, 1, 2), batch["labels"].view(-1)
-        self.replay = 0
         self._finish_epoch()
 
     def _finish_epoch(self) -> None:

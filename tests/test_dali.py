@@ -144,14 +144,15 @@ def _recorded(folder: Path) -> list[list]:
 
 @pytest.mark.slow
 def test_mid_epoch_resume_replays_the_exact_samples_on_two_ranks(tmp_path: Path):
-    """Interrupted after step 8 (2 batches into epoch 2), resumed: each rank trains the uninterrupted sequence."""
+    """Interrupted after step 8 (2 batches into epoch 2 of 3), resumed: each rank trains the uninterrupted sequence,
+    also in the epoch after the resumed one."""
     run = [
         *SMALL_RUN,
         "data.backend=dali",
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
-        "trainer.max_epochs=2",
+        "trainer.max_epochs=3",
         "+callbacks.recorder._target_=tests.observers.SampleRecorder",
     ]
     cache = tmp_path / "cache"
@@ -181,7 +182,7 @@ def test_mid_epoch_resume_replays_the_exact_samples_on_two_ranks(tmp_path: Path)
     for reference, head, tail in zip(
         _recorded(tmp_path / "straight"), _recorded(tmp_path / "first"), _recorded(tmp_path / "second")
     ):
-        assert len(reference) == 12 and len(head) == 8 and len(tail) == 4  # 240 images / 2 ranks / 20 per batch
+        assert len(reference) == 18 and len(head) == 8 and len(tail) == 10  # 240 images / 2 ranks / 20 per batch
         assert head + tail == reference
     ranks = _recorded(tmp_path / "straight")
     assert not set(ranks[0][0][1]) & set(ranks[1][0][1])  # the ranks read different samples
