@@ -3,10 +3,13 @@
 python train.py                                   # ResNet-18 on the embedded demo dataset, CPU
 python train.py experiment=resnet50 data.root=/datasets/ILSVRC2012 trainer.devices=8
 python train.py run_id=<an earlier run> ckpt_path=last   # resume that run
+sbatch slurm/single_node.sbatch experiment=resnet50 data.root=...          # on SLURM (see slurm/README.md)
+python train.py -m hydra/launcher=slurm trainer=slurm model=resnet18,resnet50  # a sweep on SLURM
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -15,6 +18,8 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from slurm.sweep import METRICS, refuse_subprocess_ddp_in_multirun
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 log = logging.getLogger(__name__)
@@ -33,10 +38,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.callbacks), logger=instantiate_all(cfg.logger)
     )
+    refuse_subprocess_ddp_in_multirun(trainer)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    return {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
+    if trainer.is_global_zero:  # what a sweep's summary reads (slurm/sweep.py)
+        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+        Path(cfg.paths.output_dir, METRICS).write_text(json.dumps(metrics, indent=1))
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

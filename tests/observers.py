@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -106,3 +107,15 @@ class ValidationRecord(pl.Callback):
         record = {"images": self.images, "metrics": metrics, "loss": float(pl_module.val_loss.compute())}
         self.folder.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
+
+
+class StepLog(pl.Callback):
+    """Each rank appends every optimizer step it starts, with its SLURM restart count, to ``rank<R>.log`` at once."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"rank{trainer.global_rank}.log", "a") as log:
+            log.write(f"{trainer.global_step + 1} {os.environ.get('SLURM_RESTART_COUNT', '0')}\n")

@@ -1,0 +1,1 @@
+"""Running on SLURM: the sbatch templates (``*.sbatch``), the job's cluster environment, and sweep summaries."""

@@ -1,0 +1,359 @@
+"""SLURM: the sbatch templates, preemption and requeue, submitit sweeps, on a real one-node cluster (slurm marker);
+the job-layout checks and the sweep summary without one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from slurm.environment import SlurmJob, SlurmLayoutError
+from slurm.sweep import format_summary, write_summary
+from tests.conftest import PROJECT_ROOT, SMALL_RUN
+
+HARNESS = PROJECT_ROOT / "tests" / "slurm" / "cluster.sh"
+STEPS_PER_EPOCH = 6  # the small demo: 240 train images / 2 ranks / 20 per batch
+JOB_RUN = [
+    *(o for o in SMALL_RUN if not o.startswith("trainer.enable_progress_bar")),
+    "trainer.precision=32-true",
+]
+
+
+def _harness_unavailable() -> str | None:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "the SLURM harness runs daemons as root"
+    if not (shutil.which("slurmctld") or shutil.which("apt-get")):
+        return "SLURM is not installed and there is no apt-get to install it"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real slurmctld + slurmd + munge on 127.0.0.1 for this module; yields the environment jobs are submitted
+    with (the project's Python first on PATH, rendezvous on loopback)."""
+    reason = _harness_unavailable()
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "SLURM_CLUSTER_DIR": str(tmp_path_factory.mktemp("slurm-cluster"))}
+    up = subprocess.run(["bash", str(HARNESS), "up"], env=env, capture_output=True, text=True, timeout=600)
+    if up.returncode == 3:  # cannot install
+        pytest.skip(up.stderr.strip())
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield {
+        **env,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        "PYTHON": sys.executable,
+        "MASTER_ADDR": "127.0.0.1",
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
+    subprocess.run(["bash", str(HARNESS), "down"], env=env, capture_output=True, timeout=120)
+
+
+def sbatch(env: dict[str, str], log_dir: Path, *args: str) -> str:
+    """Submits from the project root as a user does; returns the job id."""
+    result = subprocess.run(
+        ["sbatch", "--parsable", f"--output={log_dir}/%x-%j.out", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip().split(";")[0]
+
+
+def job_field(job_id: str, field: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return next(item.split("=", 1)[1] for item in shown.split() if item.startswith(f"{field}="))
+
+
+def wait_for_job(job_id: str, timeout: float) -> str:
+    """Waits until the job has left the queue (requeues included); returns its final state."""
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id])
+            pytest.fail(f"job {job_id} still queued after {timeout} s")
+        time.sleep(0.5)
+    return job_field(job_id, "JobState")
+
+
+def wait_for_lines(path: Path, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() or len(path.read_text().splitlines()) < count:
+        assert time.monotonic() < deadline, f"{path}: fewer than {count} lines after {timeout} s"
+        time.sleep(0.2)
+
+
+def template_job(env: dict[str, str], tmp_path: Path, template: str, *overrides: str, tasks: int = 2) -> str:
+    """The project's sbatch template for ``tasks`` CPU processes on the one node, training the small demo."""
+    return sbatch(
+        env,
+        tmp_path,
+        "--nodes=1",
+        f"--ntasks-per-node={tasks}",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=15",
+        f"slurm/{template}",
+        *JOB_RUN,
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.log_dir={tmp_path / 'outputs'}",
+        *overrides,
+    )
+
+
+def steps_of(checkpoint: Path) -> tuple[int, int]:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return state["global_step"], state["epoch"]
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("template", ["single_node.sbatch", "multi_node.sbatch"])
+def test_sbatch_template_trains_with_ddp_over_two_tasks(cluster, tmp_path: Path, template: str):
+    job = template_job(cluster, tmp_path, template, "trainer.max_epochs=2")
+    state = wait_for_job(job, timeout=300)
+    log = next(tmp_path.glob(f"*-{job}.out")).read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert "SLURM_PROCID=0 of 2" in log and "SLURM_PROCID=1 of 2" in log
+    assert "global batch 40" in log  # 20 per device x 2 tasks, logged with the scaled learning rate
+    run = tmp_path / "outputs" / "train" / job  # the run folder is keyed by the job id
+    assert sorted(p.name for p in (run / "csv").iterdir()) == ["version_0"]  # one metrics log: rank zero's
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and len(checkpoints) == 3  # last + the 2 epochs (top-3)
+    assert steps_of(run / "checkpoints" / "last.ckpt") == (2 * STEPS_PER_EPOCH, 1)  # (global step, last epoch)
+    assert set(json.loads((run / "metrics.json").read_text())) == {"val/loss", "val/acc1", "val/acc5"}
+
+
+@pytest.mark.slurm
+def test_signalled_job_saves_requeues_and_resumes_in_mid_epoch(cluster, tmp_path: Path):
+    """USR1 in epoch 1 (as sbatch --signal or a preemption sends it): the job saves, requeues itself, and its
+    second run resumes from that checkpoint, with DALI's reader state, to the same end as an uninterrupted run."""
+    steps = tmp_path / "steps"
+    epochs = 3
+    job = template_job(
+        cluster,
+        tmp_path,
+        "single_node.sbatch",
+        f"trainer.max_epochs={epochs}",
+        "data.backend=dali",
+        "+callbacks.steps._target_=tests.observers.StepLog",
+        f"+callbacks.steps.folder={steps}",
+    )
+    wait_for_lines(steps / "rank0.log", 2, timeout=240)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # every task of the job's steps
+    state = wait_for_job(job, timeout=400)
+    log = next(tmp_path.glob(f"*-{job}.out")).read_text()
+    assert state == "COMPLETED" and job_field(job, "Restarts") == "1", log[-4000:]
+    assert "restart 1): SLURM_PROCID=0" in log and "restart 1): SLURM_PROCID=1" in log
+    run = tmp_path / "outputs" / "train" / job
+    saved_step, saved_epoch = steps_of(run / "hpc_ckpt_1.ckpt")
+    assert saved_step % STEPS_PER_EPOCH and saved_epoch < epochs - 1  # saved in mid-epoch, before the last one
+    assert f"Restoring states from the checkpoint path at {run / 'hpc_ckpt_1.ckpt'}" in log
+    assert steps_of(run / "checkpoints" / "last.ckpt") == (epochs * STEPS_PER_EPOCH, epochs - 1)
+    for rank in (0, 1):
+        trained = [tuple(map(int, line.split())) for line in (steps / f"rank{rank}.log").read_text().splitlines()]
+        # every step once, none twice: up to the saved one in the first run, the rest in the second
+        assert trained == [(step, int(step > saved_step)) for step in range(1, epochs * STEPS_PER_EPOCH + 1)]
+
+
+@pytest.mark.slurm
+def test_scancel_saves_a_checkpoint_before_the_job_ends(cluster, tmp_path: Path):
+    steps = tmp_path / "steps"
+    job = template_job(
+        cluster,
+        tmp_path,
+        "single_node.sbatch",
+        "trainer.max_epochs=20",
+        "+callbacks.steps._target_=tests.observers.StepLog",
+        f"+callbacks.steps.folder={steps}",
+        tasks=1,
+    )
+    wait_for_lines(steps / "rank0.log", 2, timeout=240)
+    subprocess.run(["scancel", job], check=True)  # SIGTERM to every process, SIGKILL after KillWait
+    assert wait_for_job(job, timeout=120) == "CANCELLED"
+    run = tmp_path / "outputs" / "train" / job
+    step, _ = steps_of(run / "hpc_ckpt_1.ckpt")
+    assert 2 <= step < 20 * 2 * STEPS_PER_EPOCH
+    assert "Stopping; resume with ckpt_path=" in next(tmp_path.glob(f"*-{job}.out")).read_text()
+
+
+@pytest.mark.slurm
+def test_job_with_more_tasks_than_devices_fails_naming_the_sbatch_option(cluster, tmp_path: Path):
+    job = template_job(cluster, tmp_path, "single_node.sbatch", "trainer.devices=1")
+    assert wait_for_job(job, timeout=180) == "FAILED"
+    log = next(tmp_path.glob(f"*-{job}.out")).read_text()
+    assert "runs 2 task(s) per node (sbatch --ntasks-per-node=2) but trainer.devices=1" in log
+    assert "submit with --ntasks-per-node=1" in log
+
+
+def run_sweep(tmp_path: Path, env: dict[str, str], *launcher: str) -> tuple[Path, str]:
+    """``python train.py -m ... optimizer.lr=0.1,0.2``: 2 jobs of one epoch; returns the sweep folder and stdout."""
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            *launcher,
+            f"hydra.sweep.dir={sweep}",
+            *JOB_RUN,
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            "trainer.max_epochs=1",
+            "optimizer.lr=0.1,0.2",
+        ],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "job.json").read_text())["state"] == "done"
+        assert (sweep / job / "checkpoints" / "last.ckpt").exists()
+    summary = (sweep / "summary.csv").read_text().splitlines()
+    assert summary[0] == "job,state,restarts,val/acc1,val/acc5,overrides,slurm_job_id,folder"
+    assert [line.split(",")[:3] for line in summary[1:]] == [["0", "done", "0"], ["1", "done", "0"]]
+    assert "optimizer.lr=0.1," in summary[1] and "optimizer.lr=0.2," in summary[2]
+    assert all(0 <= float(line.split(",")[3]) <= 1 for line in summary[1:])
+    assert "optimizer.lr=0.2" in result.stdout  # the table printed at the end
+    return sweep, result.stdout
+
+
+@pytest.mark.slurm
+def test_submitit_sweep_on_slurm_runs_two_jobs_with_a_summary(cluster, tmp_path: Path):
+    launcher = ["hydra/launcher=slurm", "trainer=slurm", "hydra.launcher.timeout_min=15"]
+    resources = ["hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1"]
+    sweep, _ = run_sweep(tmp_path, cluster, *launcher, *resources)
+    for job in ("0", "1"):  # one job array, one task of it per job
+        assert json.loads((sweep / job / "job.json").read_text())["slurm_job_id"].endswith(f"_{job}")
+
+
+@pytest.mark.slow
+def test_local_submitit_sweep_runs_two_jobs_with_a_summary(tmp_path: Path):
+    run_sweep(tmp_path, {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "hydra/launcher=local")
+
+
+def test_local_multirun_refuses_ddp_subprocesses(tmp_path: Path, cache_dir: Path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            *SMALL_RUN,
+            f"paths.cache_dir={cache_dir}",
+            f"hydra.sweep.dir={tmp_path}",
+            "optimizer.lr=0.1,0.2",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "A Hydra multirun (-m) cannot start DDP processes itself" in result.stderr
+    assert "trainer.strategy=ddp_spawn" in result.stderr
+    assert not list(tmp_path.glob("*/checkpoints"))
+
+
+@pytest.mark.parametrize(
+    ("env", "devices", "nodes", "message"),
+    [
+        ({"SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1"}, 1, 1, "submit with --ntasks-per-node=1"),
+        ({"SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "1"}, 4, 2, "submit with --nodes=2"),
+        ({"SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_STEP_ID": None}, 2, 1, "start it with `srun"),
+    ],
+)
+def test_job_layout_errors_name_the_option_to_change(monkeypatch, env, devices, nodes, message):
+    tasks = int(env.get("SLURM_NTASKS_PER_NODE", 2)) * int(env["SLURM_NNODES"])
+    for name, value in {"SLURM_JOB_NAME": "imagenet", "SLURM_NTASKS": str(tasks), "SLURM_STEP_ID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name)
+        else:
+            monkeypatch.setenv(name, value)
+    with pytest.raises(SlurmLayoutError, match=message.replace("`", ".")):
+        SlurmJob().validate_settings(num_devices=devices, num_nodes=nodes)
+
+
+def test_job_submitted_with_ntasks_fails_at_once(monkeypatch):
+    """Lightning's own check, when the environment is built: trainer=slurm reads devices from --ntasks-per-node."""
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    with pytest.raises(RuntimeError, match="Use `--ntasks-per-node=2` instead"):
+        SlurmJob()
+
+
+def test_slurm_trainer_outside_a_job_says_what_to_use(monkeypatch):
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    with pytest.raises(SlurmLayoutError, match="use trainer=gpu, trainer=ddp or trainer=cpu here"):
+        SlurmJob()
+
+
+def test_matching_job_layout_passes(monkeypatch):
+    for name, value in {"SLURM_JOB_NAME": "imagenet", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    SlurmJob().validate_settings(num_devices=4, num_nodes=2)
+
+
+def test_summary_states_of_done_failed_requeued_and_running_jobs(tmp_path: Path):
+    for job, state in ((0, "done"), (1, "failed")):
+        (tmp_path / str(job)).mkdir()
+        record = {"job": job, "state": state, "restarts": job, "overrides": [f"optimizer.lr=0.{job + 1}", "seed=1"]}
+        (tmp_path / str(job) / "job.json").write_text(json.dumps(record))
+    (tmp_path / "0" / "metrics.json").write_text(json.dumps({"val/acc1": 0.5, "val/acc5": 0.9}))
+    for job in (2, 3):
+        (tmp_path / str(job) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr=0.{job + 1}\n- seed=1\n")
+    (tmp_path / "2" / "hpc_ckpt_1.ckpt").write_bytes(b"")
+    rows = write_summary(tmp_path)
+    assert [(row["job"], row["state"]) for row in rows] == [(0, "done"), (1, "failed"), (2, "requeued"), (3, "running")]
+    assert (tmp_path / "summary.csv").read_text().splitlines()[1].startswith("0,done,0,0.5,0.9,optimizer.lr=0.1 seed=1")
+    table = format_summary(rows).splitlines()
+    assert table[1].split() == ["0", "done", "0", "0.5000", "0.9000", "optimizer.lr=0.1"]  # only what differs
+    assert table[3].split() == ["2", "requeued", "-", "-", "optimizer.lr=0.3"]  # no restarts recorded yet
+
+
+def test_sigterm_saves_a_checkpoint_outside_slurm(tmp_path: Path, cache_dir: Path):
+    """A plain run (no SLURM) told to stop saves where it is and says how to resume."""
+    steps = tmp_path / "steps"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            *SMALL_RUN,
+            f"paths.cache_dir={cache_dir}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "trainer.max_epochs=50",
+            "+callbacks.steps._target_=tests.observers.StepLog",
+            f"+callbacks.steps.folder={steps}",
+        ],
+        cwd=PROJECT_ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_lines(steps / "rank0.log", 3, timeout=240)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    step, _ = steps_of(tmp_path / "run" / "hpc_ckpt_1.ckpt")
+    assert 3 <= step < 50 * 12
+    assert f"resume with ckpt_path={tmp_path / 'run' / 'hpc_ckpt_1.ckpt'}" in output
