@@ -117,6 +117,7 @@ def refuse_subprocess_ddp_in_multirun(trainer: pl.Trainer) -> None:
         HydraConfig.initialized()
         and HydraConfig.get().mode == RunMode.MULTIRUN
         and isinstance(launcher, _SubprocessScriptLauncher)
+        and launcher.num_processes > 1
         and not launcher.cluster_environment.creates_processes_externally
     ):
         raise RuntimeError(

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -196,52 +196,70 @@ def test_job_with_more_tasks_than_devices_fails_naming_the_sbatch_option(cluster
     assert "submit with --ntasks-per-node=1" in log
 
 
-def run_sweep(tmp_path: Path, env: dict[str, str], *launcher: str) -> tuple[Path, str]:
-    """``python train.py -m ... optimizer.lr=0.1,0.2``: 2 jobs of one epoch; returns the sweep folder and stdout."""
+def run_sweep(
+    tmp_path: Path, env: dict[str, str], *launcher: str, while_running: Callable[[Path], None] | None = None
+) -> tuple[Path, list[str]]:
+    """``python train.py -m ... optimizer.lr=0.1,0.2``: 2 jobs of one epoch, each logging its steps in its folder.
+    Checks that both ended done with a checkpoint and a summary row; returns the sweep folder and summary lines."""
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            *launcher,
-            f"hydra.sweep.dir={sweep}",
-            *JOB_RUN,
-            f"paths.cache_dir={tmp_path / 'cache'}",
-            "trainer.max_epochs=1",
-            "optimizer.lr=0.1,0.2",
-        ],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    command = [
+        sys.executable,
+        "train.py",
+        "-m",
+        *launcher,
+        f"hydra.sweep.dir={sweep}",
+        *JOB_RUN,
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "trainer.max_epochs=1",
+        "+callbacks.steps._target_=tests.observers.StepLog",
+        "+callbacks.steps.folder=${hydra:runtime.output_dir}/steps",
+        "optimizer.lr=0.1,0.2",
+    ]
+    with open(tmp_path / "sweep.out", "w") as out, open(tmp_path / "sweep.err", "w") as err:
+        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=err, text=True)
+        if while_running:
+            while_running(sweep)
+        assert process.wait(timeout=600) == 0, (tmp_path / "sweep.err").read_text()[-4000:]
     for job in ("0", "1"):
         assert json.loads((sweep / job / "job.json").read_text())["state"] == "done"
         assert (sweep / job / "checkpoints" / "last.ckpt").exists()
     summary = (sweep / "summary.csv").read_text().splitlines()
     assert summary[0] == "job,state,restarts,val/acc1,val/acc5,overrides,slurm_job_id,folder"
-    assert [line.split(",")[:3] for line in summary[1:]] == [["0", "done", "0"], ["1", "done", "0"]]
     assert "optimizer.lr=0.1," in summary[1] and "optimizer.lr=0.2," in summary[2]
     assert all(0 <= float(line.split(",")[3]) <= 1 for line in summary[1:])
-    assert "optimizer.lr=0.2" in result.stdout  # the table printed at the end
-    return sweep, result.stdout
+    assert "optimizer.lr=0.2" in (tmp_path / "sweep.out").read_text()  # the table printed at the end
+    return sweep, summary[1:]
 
 
 @pytest.mark.slurm
-def test_submitit_sweep_on_slurm_runs_two_jobs_with_a_summary(cluster, tmp_path: Path):
+def test_submitit_sweep_on_slurm_runs_two_jobs_and_requeues_one(cluster, tmp_path: Path):
+    """A 2-job array through hydra/launcher=slurm; job 0, signalled in mid-epoch, requeues and resumes like an
+    sbatch job (the preset's --signal=USR1 reaches callbacks.preemption, not submitit's handler)."""
+
+    def signal_job_0(sweep: Path) -> None:
+        wait_for_lines(sweep / "0" / "steps" / "rank0.log", 2, timeout=300)
+        array_task = next(j for j in subprocess.check_output(["squeue", "-h", "-o", "%i"], text=True).split())
+        array_task = f"{array_task.split('_')[0]}_0"
+        subprocess.run(["scancel", "--signal=USR1", array_task], check=True)
+
     launcher = ["hydra/launcher=slurm", "trainer=slurm", "hydra.launcher.timeout_min=15"]
     resources = ["hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1"]
-    sweep, _ = run_sweep(tmp_path, cluster, *launcher, *resources)
-    for job in ("0", "1"):  # one job array, one task of it per job
+    sweep, rows = run_sweep(tmp_path, cluster, *launcher, *resources, while_running=signal_job_0)
+    assert [row.split(",")[:3] for row in rows] == [["0", "done", "1"], ["1", "done", "0"]]
+    for job in ("0", "1"):  # one job array, one array task per job
         assert json.loads((sweep / job / "job.json").read_text())["slurm_job_id"].endswith(f"_{job}")
+    trained = [
+        tuple(map(int, line.split())) for line in (sweep / "0" / "steps" / "rank0.log").read_text().split("\n") if line
+    ]
+    assert [step for step, _ in trained] == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # each step once (1 task)
+    assert trained[-1][1] == 1 and trained[0][1] == 0  # finished by the requeued run
 
 
 @pytest.mark.slow
 def test_local_submitit_sweep_runs_two_jobs_with_a_summary(tmp_path: Path):
-    run_sweep(tmp_path, {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "hydra/launcher=local")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    _, rows = run_sweep(tmp_path, env, "hydra/launcher=local")
+    assert [row.split(",")[:3] for row in rows] == [["0", "done", "0"], ["1", "done", "0"]]
 
 
 def test_local_multirun_refuses_ddp_subprocesses(tmp_path: Path, cache_dir: Path):
