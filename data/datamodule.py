@@ -102,6 +102,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             seed=self.seed,
+            trained_batches=self._trained_batches,
         )
         if self.backend == "dali":
             return dali.train_loader(
@@ -109,7 +110,6 @@ class ImageNetDataModule(pl.LightningDataModule):
                 num_threads=self._dali_threads,
                 device=self.dali_device,
                 device_id=self._local_rank(),
-                trained_batches=self._trained_batches,
                 output_dtype=self.dali_output_dtype,
             )
         return torchvision_backend.train_loader(**shared, num_workers=self.num_workers, pin_memory=self.pin_memory)

@@ -5,7 +5,8 @@ Batches stay uint8 until they are on the device (4x less to copy); the datamodul
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
@@ -58,9 +59,28 @@ class EpochSeededSampler(DistributedSampler):
     crops and flips an uninterrupted one does.
     """
 
+    skip = 0  # samples of the next epoch already trained (a run resumed in mid-epoch); read once
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in super().__iter__():
+        skip, self.skip = self.skip, 0
+        for index in itertools.islice(super().__iter__(), skip, None):
             yield index, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF
+
+
+class ResumableDataLoader(DataLoader):
+    """A train DataLoader that resumes in mid-epoch: Lightning restores a loader that has ``load_state_dict`` after
+    the fit loop's progress, so the sampler can start the epoch after the batches already trained (the order is a
+    function of (seed, epoch), so nothing else needs saving)."""
+
+    def __init__(self, *args, trained_batches: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.trained_batches = trained_batches
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.skip = self.trained_batches() * self.batch_size
 
 
 def train_loader(
@@ -73,10 +93,12 @@ def train_loader(
     world_size: int,
     seed: int,
     pin_memory: bool,
+    trained_batches: Callable[[], int],
 ) -> DataLoader:
     sampler = EpochSeededSampler(split, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    return DataLoader(
+    return ResumableDataLoader(
         ImageFiles(split, train_transform(image_size, crop_scale)),
+        trained_batches=trained_batches,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,

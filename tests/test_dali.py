@@ -143,12 +143,13 @@ def _recorded(folder: Path) -> list[list]:
 
 
 @pytest.mark.slow
-def test_mid_epoch_resume_replays_the_exact_samples_on_two_ranks(tmp_path: Path):
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_mid_epoch_resume_replays_the_exact_samples_on_two_ranks(tmp_path: Path, backend: str):
     """Interrupted after step 8 (2 batches into epoch 2 of 3), resumed: each rank trains the uninterrupted sequence,
     also in the epoch after the resumed one."""
     run = [
         *SMALL_RUN,
-        "data.backend=dali",
+        f"data.backend={backend}",
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
