@@ -17,8 +17,10 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from callbacks import wandb_logger
+from callbacks.run_metadata import run_config
 from slurm.sweep import METRICS, refuse_subprocess_ddp_in_multirun
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -26,8 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def instantiate_all(group: DictConfig | None) -> list:
-    """Every object of a named-entries group (callbacks, logger); ``null`` entries switch one off."""
-    return [instantiate(entry) for entry in (group or {}).values() if entry is not None]
+    """Every object of a named-entries group (callbacks, logger); a ``null`` entry, or a factory that returns None,
+    switches one off."""
+    objects = [instantiate(entry) for entry in (group or {}).values() if entry is not None]
+    return [instance for instance in objects if instance is not None]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -40,8 +44,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     refuse_subprocess_ddp_in_multirun(trainer)
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(run_config(cfg, trainer.world_size))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    wandb_logger.finish(trainer)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
     if trainer.is_global_zero:  # what a sweep's summary reads (slurm/sweep.py)
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)

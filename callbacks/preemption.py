@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
+from callbacks import wandb_logger
 from slurm.environment import slurm_job_id
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class PreemptionCheckpoint(pl.Callback):
         path = _CheckpointConnector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)
         log.info("Saved %s at step %d (epoch %d)", path, trainer.global_step, trainer.current_epoch)
+        for logger in trainer.loggers:
+            logger.save()
+        wandb_logger.finish(trainer)  # flushed to disk now: a requeue signals W&B's service process too
         job_id = slurm_job_id()
         if request == REQUEUE and job_id and trainer.is_global_zero:
             result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)

@@ -98,15 +98,19 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
 
 def format_summary(rows: list[dict[str, Any]]) -> str:
     """The summary as an aligned text table; its overrides column shows only what differs between the jobs."""
-    overrides = [row["overrides"].split() for row in rows]
-    shared = set.intersection(*map(set, overrides)) if len(rows) > 1 else set()
     shown = [("job", "state", "restarts", "top-1", "top-5", "overrides")]
-    for row, job_overrides in zip(rows, overrides):
+    for row, varying in zip(rows, varying_overrides(rows)):
         top1, top5 = (f"{row[key]:.4f}" if row[key] != "" else "-" for key in ("val/acc1", "val/acc5"))
-        varying = " ".join(o for o in job_overrides if o not in shared)
         shown.append((str(row["job"]), row["state"], str(row["restarts"]), top1, top5, varying))
     widths = [max(len(line[i]) for line in shown) for i in range(len(shown[0]) - 1)]
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(line, widths)), line[-1]]) for line in shown)
+
+
+def varying_overrides(rows: list[dict[str, Any]]) -> list[str]:
+    """Each job's overrides without those every job of the sweep shares: what tells the jobs apart."""
+    overrides = [row["overrides"].split() for row in rows]
+    shared = set.intersection(*map(set, overrides)) if len(rows) > 1 else set()
+    return [" ".join(o for o in job if o not in shared) for job in overrides]
 
 
 def refuse_subprocess_ddp_in_multirun(trainer: pl.Trainer) -> None:

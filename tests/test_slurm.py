@@ -3,6 +3,7 @@ the job-layout checks and the sweep summary without one."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -16,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from report import report
 from slurm.environment import SlurmJob, SlurmLayoutError
-from slurm.sweep import format_summary, write_summary
+from slurm.sweep import COLUMNS, format_summary, write_summary
 from tests.conftest import PROJECT_ROOT, SMALL_RUN
+from tests.test_dashboards import assert_plots, wandb_records
 
 HARNESS = PROJECT_ROOT / "tests" / "slurm" / "cluster.sh"
 STEPS_PER_EPOCH = 6  # the small demo: 240 train images / 2 ranks / 20 per batch
@@ -148,6 +151,8 @@ def test_signalled_job_saves_requeues_and_resumes_in_mid_epoch(cluster, tmp_path
         "data.backend=dali",
         "+callbacks.steps._target_=tests.observers.StepLog",
         f"+callbacks.steps.folder={steps}",
+        "logger=[csv,wandb]",
+        "logger.wandb.mode=offline",
     )
     wait_for_lines(steps / "rank0.log", 2, timeout=240)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)  # every task of the job's steps
@@ -160,6 +165,8 @@ def test_signalled_job_saves_requeues_and_resumes_in_mid_epoch(cluster, tmp_path
     assert saved_step % STEPS_PER_EPOCH and saved_epoch < epochs - 1  # saved in mid-epoch, before the last one
     assert f"Restoring states from the checkpoint path at {run / 'hpc_ckpt_1.ckpt'}" in log
     assert steps_of(run / "checkpoints" / "last.ckpt") == (epochs * STEPS_PER_EPOCH, epochs - 1)
+    first, second = ([r["run"] for r in records if r["type"] == "run"][0] for records in wandb_records(run))
+    assert first["run_id"] == second["run_id"] and second["resume"]  # the requeued job continues the W&B run
     for rank in (0, 1):
         trained = [tuple(map(int, line.split())) for line in (steps / f"rank{rank}.log").read_text().splitlines()]
         # every step once, none twice: up to the saved one in the first run, the rest in the second
@@ -200,7 +207,8 @@ def run_sweep(
     tmp_path: Path, env: dict[str, str], *launcher: str, while_running: Callable[[Path], None] | None = None
 ) -> tuple[Path, list[str]]:
     """``python train.py -m ... optimizer.lr=0.1,0.2``: 2 jobs of one epoch, each logging its steps in its folder.
-    Checks that both ended done with a checkpoint and a summary row; returns the sweep folder and summary lines."""
+    Checks that both ended done with a checkpoint, a summary row and a W&B run in the sweep's group; returns the
+    sweep folder and each summary row's job, state and restarts."""
     sweep = tmp_path / "sweep"
     command = [
         sys.executable,
@@ -213,6 +221,8 @@ def run_sweep(
         "trainer.max_epochs=1",
         "+callbacks.steps._target_=tests.observers.StepLog",
         "+callbacks.steps.folder=${hydra:runtime.output_dir}/steps",
+        "logger=[csv,wandb]",
+        "logger.wandb.mode=offline",
         "optimizer.lr=0.1,0.2",
     ]
     with open(tmp_path / "sweep.out", "w") as out, open(tmp_path / "sweep.err", "w") as err:
@@ -223,12 +233,17 @@ def run_sweep(
     for job in ("0", "1"):
         assert json.loads((sweep / job / "job.json").read_text())["state"] == "done"
         assert (sweep / job / "checkpoints" / "last.ckpt").exists()
-    summary = (sweep / "summary.csv").read_text().splitlines()
-    assert summary[0] == "job,state,restarts,val/acc1,val/acc5,overrides,slurm_job_id,folder"
-    assert "optimizer.lr=0.1," in summary[1] and "optimizer.lr=0.2," in summary[2]
-    assert all(0 <= float(line.split(",")[3]) <= 1 for line in summary[1:])
+    with open(sweep / "summary.csv", newline="") as file:
+        summary = list(csv.DictReader(file))
+    assert tuple(summary[0]) == COLUMNS
+    assert [row["overrides"].split()[-1] for row in summary] == ["optimizer.lr=0.1", "optimizer.lr=0.2"]
+    assert all(0 <= float(row["val/acc1"]) <= float(row["val/acc5"]) <= 1 for row in summary)
     assert "optimizer.lr=0.2" in (tmp_path / "sweep.out").read_text()  # the table printed at the end
-    return sweep, summary[1:]
+    runs = {job: [r["run"] for r in wandb_records(sweep / job)[-1] if r["type"] == "run"][0] for job in ("0", "1")}
+    assert runs["0"]["run_group"] == runs["1"]["run_group"] == "sweep"  # one W&B group per sweep: its folder's name
+    assert runs["0"]["run_id"] != runs["1"]["run_id"] and runs["0"]["display_name"] == "sweep/0"
+    assert_plots(report(sweep, tmp_path / "report"))  # one curve per job
+    return sweep, [[row["job"], row["state"], row["restarts"]] for row in summary]
 
 
 @pytest.mark.slurm
@@ -245,7 +260,7 @@ def test_submitit_sweep_on_slurm_runs_two_jobs_and_requeues_one(cluster, tmp_pat
     launcher = ["hydra/launcher=slurm", "trainer=slurm", "hydra.launcher.timeout_min=15"]
     resources = ["hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1"]
     sweep, rows = run_sweep(tmp_path, cluster, *launcher, *resources, while_running=signal_job_0)
-    assert [row.split(",")[:3] for row in rows] == [["0", "done", "1"], ["1", "done", "0"]]
+    assert rows == [["0", "done", "1"], ["1", "done", "0"]]
     for job in ("0", "1"):  # one job array, one array task per job
         assert json.loads((sweep / job / "job.json").read_text())["slurm_job_id"].endswith(f"_{job}")
     trained = [
@@ -259,7 +274,7 @@ def test_submitit_sweep_on_slurm_runs_two_jobs_and_requeues_one(cluster, tmp_pat
 def test_local_submitit_sweep_runs_two_jobs_with_a_summary(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     _, rows = run_sweep(tmp_path, env, "hydra/launcher=local")
-    assert [row.split(",")[:3] for row in rows] == [["0", "done", "0"], ["1", "done", "0"]]
+    assert rows == [["0", "done", "0"], ["1", "done", "0"]]
 
 
 def test_local_multirun_refuses_ddp_subprocesses(tmp_path: Path, cache_dir: Path):

@@ -1,0 +1,69 @@
+"""Progress: a rich bar on a terminal, plain periodic lines in files (SLURM logs); rank zero only."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+import time
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
+
+log = logging.getLogger(__name__)
+
+
+def progress_bar(enabled: bool = True, refresh_every_n_steps: int = 50) -> ProgressBar | None:
+    """The bar for where the output goes, or None when ``trainer.enable_progress_bar`` is off. Either reads the
+    logged metrics (a device synchronisation) only when it redraws, every ``refresh_every_n_steps`` steps."""
+    if not enabled:
+        return None
+    if sys.stdout.isatty():
+        return SparseRichProgressBar(refresh_rate=refresh_every_n_steps)
+    return ProgressLines(every_n_steps=refresh_every_n_steps)
+
+
+class SparseRichProgressBar(RichProgressBar):
+    """Lightning's rich bar (epoch, step, ETA, loss, img/s), with the metrics read on refresh steps only."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % self.refresh_rate == 0:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class ProgressLines(ProgressBar):
+    """One line every ``every_n_steps`` training steps: epoch, step, percent, loss, img/s and the epoch's ETA."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self._enabled = True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed in mid-epoch gets no epoch start
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch_start, self.first_batch = time.perf_counter(), None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        self.first_batch = batch_idx if self.first_batch is None else self.first_batch  # a resumed epoch starts late
+        done = batch_idx + 1
+        if not self._enabled or done % self.every_n_steps or not trainer.is_global_zero:
+            return
+        total = self.total_train_batches
+        seconds = time.perf_counter() - self.epoch_start
+        eta = seconds / (done - self.first_batch) * (total - done) if isinstance(total, int) else float("nan")
+        metrics = self.get_metrics(trainer, pl_module)
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        eta_text = str(datetime.timedelta(seconds=round(eta))) if eta == eta else "?"
+        log.info(
+            f"epoch {trainer.current_epoch} step {done}/{total} ({done / total:.0%}) {shown} eta {eta_text}"
+            if isinstance(total, int)
+            else f"epoch {trainer.current_epoch} step {done} {shown}"
+        )

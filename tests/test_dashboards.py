@@ -1,0 +1,166 @@
+"""Dashboards: W&B (offline, read back with wandb's own reader) against the CSV log, throughput telemetry, progress
+lines, secrets kept out, and the report's plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from callbacks.wandb_logger import resolve_mode, run_id
+from report import report
+from tests.conftest import PROJECT_ROOT, SMALL_RUN
+
+DUMMY_KEY = "dummy0wandb0key0" + "5" * 24  # 40 characters, like a real W&B key
+PERF_KEYS = {"perf/images_per_s", "perf/images_per_s_per_device", "perf/data_wait_fraction", "perf/step_time_s"}
+
+
+def wandb_records(run: Path) -> list[list[dict]]:
+    """Every offline W&B run of a run folder, each as its records, read by wandb's own reader."""
+    runs = []
+    for path in sorted(run.glob("wandb/offline-run-*/run-*.wandb")):
+        inspect = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)]
+        runs.append([json.loads(line) for line in subprocess.check_output(inspect, text=True).splitlines()])
+    return runs
+
+
+def csv_rows(run: Path) -> list[dict[str, float]]:
+    with open(run / "csv" / "version_0" / "metrics.csv", newline="") as file:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(file)]
+
+
+def assert_plots(paths: list[Path]) -> None:
+    assert sorted(p.name for p in paths) == ["accuracy.png", "learning_rate.png", "loss.png", "throughput.png"]
+    for path in paths:
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+        assert pixels.shape[0] >= 300 and pixels.shape[1] >= 500
+        assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, f"{path} looks blank"
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A real 2-epoch run logging to CSV, W&B (offline) and TensorBoard, with a W&B key in its environment."""
+    folder = tmp_path_factory.mktemp("dashboards")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_"))}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *SMALL_RUN,
+            f"paths.cache_dir={folder / 'cache'}",
+            f"hydra.run.dir={folder / 'run'}",
+            "trainer.max_epochs=2",
+            "trainer.log_every_n_steps=3",
+            "trainer.enable_progress_bar=true",
+            "optimizer.lr=0.05",
+            "logger=[csv,wandb,tensorboard]",
+            "logger.wandb.mode=offline",
+        ],
+        cwd=PROJECT_ROOT,
+        env={**env, "WANDB_API_KEY": DUMMY_KEY},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return folder / "run", result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_holds_the_config_and_the_csv_metrics(logged_run):
+    run, _ = logged_run
+    (records,) = wandb_records(run)
+    config: dict = {}
+    for record in records:
+        if record["type"] == "config":
+            config.update(record["config"]["update"])
+    assert (
+        "optimizer.lr=0.05" in config["run"]["overrides"]
+        and "logger=[csv,wandb,tensorboard]" in config["run"]["overrides"]
+    )
+    assert config["run"]["world_size"] == 1 and config["run"]["versions"]["torch"] == "2.14.1"
+    assert set(config["run"]["git"]) == {"commit", "dirty"}
+    assert config["optimizer"]["lr"] == 0.05 and config["model"]["net"]["arch"] == "resnet18"
+
+    history = [record["history"]["item"] for record in records if record["type"] == "history"]
+    keys = set().union(*history)
+    expected = {"train/loss", "train/acc1", "train/acc5", "val/loss", "val/acc1", "val/acc5", "lr-SGD", "epoch"}
+    assert expected | PERF_KEYS | {"perf/epoch_time_s"} <= keys
+    by_step: dict[tuple[int, str], float] = {}
+    for row in csv_rows(run):
+        for key, value in row.items():
+            by_step[int(row["step"]), key] = value
+    compared = 0
+    for item in history:
+        for key, value in item.items():
+            if not key.startswith(("_", "trainer/")) and (item["trainer/global_step"], key) in by_step:
+                assert value == pytest.approx(by_step[item["trainer/global_step"], key], rel=1e-6), key
+                compared += 1
+    assert compared >= 30
+
+
+@pytest.mark.slow
+def test_throughput_and_data_wait_are_logged(logged_run):
+    run, output = logged_run
+    rows = csv_rows(run)
+    perf = [row for row in rows if "perf/images_per_s" in row]
+    assert len(perf) == 8  # every 3 of the 12 steps of each of the 2 epochs
+    for row in perf:
+        assert row["perf/images_per_s"] > 0 and row["perf/step_time_s"] > 0
+        assert 0 <= row["perf/data_wait_fraction"] <= 1
+    assert "of it waiting for data: " in output and ("compute-bound" in output or "data-bound" in output)
+    assert "epoch 1 step 12/12 (100%)" in output and "img/s=" in output and "eta 0:00:00" in output
+    assert list((run / "tensorboard" / "version_0").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_no_secret_in_any_file_of_the_run(logged_run):
+    run, output = logged_run
+    assert DUMMY_KEY not in output
+    files = [path for path in run.rglob("*") if path.is_file()]
+    names = {path.name for path in files}
+    assert {"train.log", "config.yaml", "metrics.csv", "hparams.yaml", "debug-internal.log", "last.ckpt"} <= names
+    assert any(name.endswith(".wandb") for name in names) and any(name.startswith("events.out") for name in names)
+    leaking = [str(path) for path in files if DUMMY_KEY.encode() in path.read_bytes()]
+    assert not leaking
+
+
+@pytest.mark.slow
+def test_report_plots_a_run(logged_run, tmp_path: Path):
+    run, _ = logged_run
+    assert_plots(report(run, tmp_path / "from-csv"))
+
+
+@pytest.mark.slow
+def test_report_reads_wandb_files_where_there_is_no_csv(logged_run, tmp_path: Path):
+    run, _ = logged_run
+    wandb_only = tmp_path / "run"
+    wandb_only.mkdir()
+    (wandb_only / "wandb").symlink_to(run / "wandb")
+    assert_plots(report(wandb_only, tmp_path / "from-wandb"))
+
+
+def test_wandb_mode_never_waits_for_an_unreachable_server(monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent")  # no ~/.netrc
+    assert resolve_mode("auto") == "offline"  # no credentials
+    monkeypatch.setenv("WANDB_API_KEY", DUMMY_KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    assert resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode("auto") == "disabled" and resolve_mode("online") == "online"
+    with pytest.raises(ValueError, match="logger.wandb.mode must be one of"):
+        resolve_mode("sometimes")
+
+
+def test_wandb_run_id_is_fixed_by_the_run_folder(tmp_path: Path):
+    assert run_id(tmp_path / "4242") == run_id(tmp_path / "4242") != run_id(tmp_path / "4243")
+    assert run_id(tmp_path / "2026-11-29_03:05").startswith("2026-11-29_03-05-")
