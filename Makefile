@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 
-.PHONY: train test test-fast bench
+.PHONY: train test test-fast bench report
 
 $(INSTALLED): requirements.txt requirements-test.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,7 @@ test-fast: $(INSTALLED)
 ## This trainer vs a plain PyTorch loop, same model, data and steps.
 bench: $(INSTALLED)
 	$(VENV)/bin/python benchmarks/trainer_vs_loop.py $(ARGS)
+
+## PNG plots of a run or sweep folder: make report ARGS=outputs/train/<run id>
+report: $(INSTALLED)
+	$(VENV)/bin/python report.py $(ARGS)

@@ -19,16 +19,27 @@ def progress_bar(enabled: bool = True, refresh_every_n_steps: int = 50) -> Progr
     if not enabled:
         return None
     if sys.stdout.isatty():
-        return SparseRichProgressBar(refresh_rate=refresh_every_n_steps)
+        return SparseRichProgressBar(metrics_every_n_steps=refresh_every_n_steps)
     return ProgressLines(every_n_steps=refresh_every_n_steps)
 
 
 class SparseRichProgressBar(RichProgressBar):
-    """Lightning's rich bar (epoch, step, ETA, loss, img/s), with the metrics read on refresh steps only."""
+    """Lightning's rich bar (epoch, step, ETA, loss, img/s): it moves every step, and reads the metrics every
+    ``metrics_every_n_steps`` steps only (Lightning's reads them at every step)."""
+
+    def __init__(self, metrics_every_n_steps: int = 50) -> None:
+        super().__init__()
+        self.metrics_every_n_steps = metrics_every_n_steps
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % self.refresh_rate == 0:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.is_disabled:
+            return
+        if self.train_progress_bar_id is None:  # a run resumed in mid-epoch
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, batch_idx + 1)
+        if (batch_idx + 1) % self.metrics_every_n_steps == 0:
+            self._update_metrics(trainer, pl_module)
+        self.refresh()
 
 
 class ProgressLines(ProgressBar):
