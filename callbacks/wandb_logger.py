@@ -31,7 +31,6 @@ def wandb_logger(
     tags: Sequence[str] = (),
     notes: str | None = None,
     mode: str = "auto",
-    log_model: bool = False,
 ) -> WandbLogger:
     """Lightning's WandbLogger with the run id, name, group and mode this project wants.
 
@@ -44,9 +43,6 @@ def wandb_logger(
         sweep = Path(HydraConfig.get().sweep.dir).name
         group = group or sweep
         name = name or f"{sweep}/{folder.name}"
-    if log_model and mode != "online":
-        log.warning("logger.wandb.log_model needs W&B online (mode is %s): checkpoints stay in the run folder", mode)
-        log_model = False
     folder.mkdir(parents=True, exist_ok=True)
     return WandbLogger(
         project=project,
@@ -59,7 +55,6 @@ def wandb_logger(
         id=run_id(folder),
         offline=mode == "offline",
         mode="disabled" if mode == "disabled" else None,
-        log_model=log_model,
     )
 
 

@@ -62,6 +62,7 @@ def logged_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
             "optimizer.lr=0.05",
             "logger=[csv,wandb,tensorboard]",
             "logger.wandb.mode=offline",
+            "callbacks.wandb_checkpoints.enabled=true",
         ],
         cwd=PROJECT_ROOT,
         env={**env, "WANDB_API_KEY": DUMMY_KEY},
@@ -88,6 +89,16 @@ def test_offline_wandb_run_holds_the_config_and_the_csv_metrics(logged_run):
     assert config["run"]["world_size"] == 1 and config["run"]["versions"]["torch"] == "2.14.1"
     assert set(config["run"]["git"]) == {"commit", "dirty"}
     assert config["optimizer"]["lr"] == 0.05 and config["model"]["net"]["arch"] == "resnet18"
+
+    artifacts = [record["artifact"] for record in records if record["type"] == "artifact"]
+    assert sorted(alias for artifact in artifacts for alias in artifact["aliases"] if alias != "latest") == [
+        "best",
+        "last",
+    ]
+    for artifact in artifacts:  # the checkpoint files, with the val metrics
+        metadata = json.loads(artifact["metadata"])
+        assert [entry["path"] for entry in artifact["manifest"]["contents"]] == [metadata["file"]]
+        assert set(metadata["final_val"]) == {"val/loss", "val/acc1", "val/acc5"}
 
     history = [record["history"]["item"] for record in records if record["type"] == "history"]
     keys = set().union(*history)
