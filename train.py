@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     refuse_subprocess_ddp_in_multirun(trainer)
     for logger in trainer.loggers:
         logger.log_hyperparams(run_config(cfg, trainer.world_size))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)  # never runs pickled code
     wandb_logger.finish(trainer)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
     if trainer.is_global_zero:  # what a sweep's summary reads (slurm/sweep.py)

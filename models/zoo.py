@@ -5,6 +5,8 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 
+from models.export import load_weights_only
+
 ARCHITECTURES = (
     "alexnet",
     *(f"vgg{depth}{bn}" for depth in (11, 13, 16, 19) for bn in ("", "_bn")),
@@ -12,8 +14,9 @@ ARCHITECTURES = (
 )
 
 
-def build_net(arch: str, num_classes: int, zero_init_residual: bool = False) -> nn.Module:
-    """``arch`` from ``ARCHITECTURES``; ``zero_init_residual`` zeroes the last BN of each residual branch (ResNets)."""
+def build_net(arch: str, num_classes: int, zero_init_residual: bool = False, weights: str | None = None) -> nn.Module:
+    """``arch`` from ``ARCHITECTURES``; ``zero_init_residual`` zeroes the last BN of each residual branch (ResNets);
+    ``weights``: a torchvision-format state_dict file (``python -m models.export``) loaded strictly, weights only."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown model architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
     options = {"weights": None, "num_classes": num_classes}
@@ -21,4 +24,7 @@ def build_net(arch: str, num_classes: int, zero_init_residual: bool = False) -> 
         options["zero_init_residual"] = zero_init_residual
     elif zero_init_residual:
         raise ValueError(f"zero_init_residual applies to ResNets only, not to {arch!r}")
-    return torchvision.models.get_model(arch, **options)
+    net = torchvision.models.get_model(arch, **options)
+    if weights is not None:
+        net.load_state_dict(load_weights_only(weights), strict=True)
+    return net
