@@ -10,6 +10,7 @@ Class index = sorted wnid order, as torchvision's ImageFolder and the standard 0
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
 VAL_SOLUTION = "LOC_val_solution.csv"
 SYNSET_MAPPING = "LOC_synset_mapping.txt"
 CLASS_TABLE = Path(__file__).with_name("ilsvrc2012_classes.tsv")
+HIERARCHY_TABLE = Path(__file__).with_name("ilsvrc2012_hierarchy.tsv")
 FULL_ILSVRC2012 = {"classes": 1000, "train": 1_281_167, "val": 50_000}
 PIXEL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # ImageNet's RGB statistics, on the 0..255 scale
 PIXEL_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -72,6 +74,27 @@ def wordnet_names() -> dict[str, str]:
                 _, wnid, synonyms = line.rstrip("\n").split("\t")
                 names[wnid] = synonyms.split(",")[0]
     return names
+
+
+@functools.cache
+def is_a_paths() -> dict[str, tuple[str, ...]]:
+    """wnid -> its WordNet is-a path from the root (``entity``) for the 1000 classes (the project's hierarchy table)."""
+    paths = {}
+    with open(HIERARCHY_TABLE, encoding="utf-8") as f:
+        for line in f:
+            if not line.startswith("#"):
+                _, wnid, path = line.rstrip("\n").split("\t")
+                paths[wnid] = tuple(path.split())
+    return paths
+
+
+def mistake_severity(true_wnid: str, predicted_wnid: str) -> int:
+    """Height of the lowest common ancestor above the true class (Bertinetto et al., "Making Better Mistakes",
+    CVPR 2020): 0 for a correct prediction, small for a sibling breed, large for an unrelated object."""
+    paths = is_a_paths()
+    true, predicted = paths[true_wnid], paths[predicted_wnid]
+    shared = next((i for i, (a, b) in enumerate(zip(true, predicted)) if a != b), min(len(true), len(predicted)))
+    return len(true) - shared
 
 
 def _class_names(root: Path, wnids: list[str]) -> list[str]:

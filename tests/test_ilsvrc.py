@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data.demo import demo_wnids
-from data.ilsvrc import DatasetLayoutError, load_layout, wordnet_names
+from data.ilsvrc import DatasetLayoutError, is_a_paths, load_layout, mistake_severity, wordnet_names
 
 
 @pytest.fixture
@@ -100,3 +100,21 @@ def test_empty_class_folder_is_named(demo_copy: Path):
     (demo_copy / "train" / "n09999999").mkdir()
     with pytest.raises(DatasetLayoutError, match="n09999999 holds no images"):
         load_layout(demo_copy)
+
+
+def test_every_class_has_an_is_a_path_from_the_wordnet_root():
+    paths = is_a_paths()
+    assert sorted(paths) == sorted(wordnet_names()) and len(paths) == 1000
+    for wnid, path in paths.items():
+        assert path[0] == "n00001740" and path[-1] == wnid  # entity ... the class itself
+        assert len(set(path)) == len(path)
+
+
+def test_mistake_severity_grows_with_distance_in_wordnet():
+    chihuahua, japanese_spaniel, tabby_cat, ambulance = "n02085620", "n02085782", "n02123045", "n02701002"
+    assert mistake_severity(chihuahua, chihuahua) == 0
+    breeds = mistake_severity(chihuahua, japanese_spaniel)  # two toy dogs
+    dog_cat = mistake_severity(chihuahua, tabby_cat)  # two carnivores
+    dog_vehicle = mistake_severity(chihuahua, ambulance)  # an animal and an artifact
+    # an animal and an artifact share entity, physical entity, object and whole
+    assert 0 < breeds < dog_cat < dog_vehicle == len(is_a_paths()[chihuahua]) - 4
