@@ -44,10 +44,16 @@ class ImageNetDataModule(pl.LightningDataModule):
         index: str = "fast",
         index_workers: int | None = None,
         cache_dir: str | os.PathLike = "~/.cache/imagenet-pipeline",
+        val_crops: int = 1,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"data.backend={backend!r} is not one of {BACKENDS}")
+        if val_crops not in (1, 10) or (val_crops == 10 and backend != "torchvision"):
+            raise ValueError(
+                f"data.val_crops must be 1, or 10 with data.backend=torchvision; got {val_crops} ({backend})"
+            )
+        self.val_crops = val_crops
         self.root, self.backend, self.batch_size = root, backend, batch_size
         self.image_size, self.val_resize_size, self.train_crop_scale = image_size, val_resize_size, train_crop_scale
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
@@ -132,7 +138,9 @@ class ImageNetDataModule(pl.LightningDataModule):
                 device_id=self._local_rank(),
                 output_dtype=self.dali_output_dtype,
             )
-        return torchvision_backend.val_loader(**shared, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return torchvision_backend.val_loader(
+            **shared, num_workers=self.num_workers, pin_memory=self.pin_memory, ten_crop=self.val_crops == 10
+        )
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
         images, labels = batch

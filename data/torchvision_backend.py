@@ -24,9 +24,16 @@ def train_transform(image_size: int, crop_scale: Sequence[float]) -> v2.Transfor
     )
 
 
-def val_transform(image_size: int, resize_size: int) -> v2.Transform:
-    """The standard single-crop protocol: shorter side to ``resize_size``, then a centre crop."""
+def val_transform(image_size: int, resize_size: int, ten_crop: bool = False) -> v2.Transform:
+    """The standard single-crop protocol: shorter side to ``resize_size``, then a centre crop; or the ten-crop one
+    (Krizhevsky et al. 2012): the four corners and the centre, and their mirror images, stacked as (10, C, H, W)."""
+    if ten_crop:
+        return v2.Compose([v2.Resize(resize_size, antialias=True), v2.TenCrop(image_size), _stack])
     return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size)])
+
+
+def _stack(crops: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(list(crops))
 
 
 class ImageFiles(Dataset):
@@ -117,11 +124,12 @@ def val_loader(
     rank: int,
     world_size: int,
     pin_memory: bool,
+    ten_crop: bool = False,
 ) -> DataLoader:
     """Each image exactly once across ranks: no padding duplicates (ranks may differ by one batch)."""
     sampler = UnrepeatedDistributedSampler(split, num_replicas=world_size, rank=rank, shuffle=False)
     return DataLoader(
-        ImageFiles(split, val_transform(image_size, resize_size)),
+        ImageFiles(split, val_transform(image_size, resize_size, ten_crop)),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,

@@ -66,13 +66,18 @@ class ImageClassifier(pl.LightningModule):
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Returns the batch's class scores (log-probabilities for ten crops) for callbacks that analyse them."""
         images, labels = batch
-        logits = self(images)
+        if images.ndim == 5:  # (batch, crops, C, H, W): the crops' mean probability (Krizhevsky et al. 2012)
+            logits = self(images.flatten(0, 1)).unflatten(0, images.shape[:2]).softmax(-1).mean(1).log()
+        else:
+            logits = self(images)
         self.val_loss.update(self.criterion(logits, labels), weight=labels.numel())
         self.val_metrics.update(logits, labels)
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(self.val_metrics, on_step=False, on_epoch=True, prog_bar=True)
+        return logits
 
     def _parameter_groups(self) -> list[dict]:
         """Norm weights and biases (every 1-d parameter) optionally without weight decay."""
