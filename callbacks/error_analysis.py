@@ -90,7 +90,11 @@ def analyse(top5: torch.Tensor, labels: torch.Tensor, wnids: list[str], names: l
         {"true": names[t], "predicted": names[p], "count": n, "severity": mistake_severity(wnids[t], wnids[p])}
         for (t, p), n in pairs
     ]
-    return {"summary": summary, "per_class": sorted(per_class, key=lambda c: (c["top1"], c["index"])), "confused_pairs": confused}
+    return {
+        "summary": summary,
+        "per_class": sorted(per_class, key=lambda c: (c["top1"], c["index"])),
+        "confused_pairs": confused,
+    }
 
 
 def format_report(report: dict, classes: int | None = None) -> str:

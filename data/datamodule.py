@@ -77,6 +77,17 @@ class ImageNetDataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         return self.layout.num_classes
 
+    def state_dict(self) -> dict:
+        """The class index (wnid per output) travels in checkpoints: predict.py names classes with it."""
+        return {"wnids": list(self.layout.wnids)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("wnids", self.layout.wnids) != list(self.layout.wnids):
+            raise ValueError(
+                f"the checkpoint was trained on other classes than {self.root} holds "
+                f"({len(state['wnids'])} vs {self.num_classes}): resume on the dataset it was trained on"
+            )
+
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)

@@ -1,0 +1,64 @@
+"""predict.py over real ILSVRC JPEGs and over a folder with a broken file."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from data.ilsvrc import wordnet_names
+from tests.conftest import PROJECT_ROOT, SHARED_DATA
+
+SAMPLES = SHARED_DATA / "imagenet-samples"
+
+
+def save_checkpoint(make_cfg, wnids: list[str], path: Path) -> Path:
+    """A ResNet-18 checkpoint in the project's format (randomly initialised) for these classes."""
+    module = instantiate(make_cfg().model, num_classes=len(wnids))
+    torch.save({"state_dict": module.state_dict(), "ImageNetDataModule": {"wnids": wnids}}, path)
+    return path
+
+
+def predict(*overrides: str, cache_dir: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "predict.py", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+
+
+SMALL_IMAGES = ["data.image_size=64", "data.val_resize_size=73", "data.batch_size=100", "data.num_workers=2"]
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"{SAMPLES} is absent")
+def test_predicts_all_real_ilsvrc_samples_with_names(make_cfg, tmp_path: Path, cache_dir: Path):
+    ckpt = save_checkpoint(make_cfg, sorted(wordnet_names()), tmp_path / "imagenet.ckpt")
+    result = predict(f"ckpt={ckpt}", f"inputs=[{SAMPLES}]", *SMALL_IMAGES, cache_dir=cache_dir, run_dir=tmp_path / "p")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(f"{SAMPLES}/")]
+    assert len(lines) == 1000 and "1000 image(s) classified, 0 skipped" in result.stdout + result.stderr
+    names = set(wordnet_names().values())
+    for line in lines:
+        path, top = line.split(": ", 1)
+        entries = top.split(" | ")
+        assert Path(path).parent == SAMPLES and len(entries) == 5
+        probability, wnid, name = entries[0].split(" ", 2)
+        assert 0 < float(probability) <= 1 and wnid.startswith("n") and name in names
+
+
+def test_broken_file_is_reported_and_skipped(make_cfg, small_demo_root: Path, tmp_path: Path, cache_dir: Path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for image in sorted((small_demo_root / "val").iterdir())[:3]:
+        shutil.copy(image, folder)
+    (folder / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    wnids = sorted(p.name for p in (small_demo_root / "train").iterdir())
+    ckpt = save_checkpoint(make_cfg, wnids, tmp_path / "demo.ckpt")
+    result = predict(f"ckpt={ckpt}", f"inputs=[{folder}]", *SMALL_IMAGES, cache_dir=cache_dir, run_dir=tmp_path / "p")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len([line for line in result.stdout.splitlines() if line.startswith(f"{folder}/")]) == 3
+    output = result.stdout + result.stderr
+    assert f"{folder / 'broken.JPEG'}: skipped, cannot be decoded" in output
+    assert "3 image(s) classified, 1 skipped" in output
