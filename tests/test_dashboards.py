@@ -19,6 +19,7 @@ from report import report
 from tests.conftest import PROJECT_ROOT, SMALL_RUN
 
 DUMMY_KEY = "dummy0wandb0key0" + "5" * 24  # 40 characters, like a real W&B key
+WANDB_DIRS = ("DATA", "CACHE", "CONFIG", "ARTIFACT")  # W&B's own folders (artifact staging): in the test's folder
 PERF_KEYS = {"perf/images_per_s", "perf/images_per_s_per_device", "perf/data_wait_fraction", "perf/step_time_s"}
 
 
@@ -65,7 +66,7 @@ def logged_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
             "callbacks.wandb_checkpoints.enabled=true",
         ],
         cwd=PROJECT_ROOT,
-        env={**env, "WANDB_API_KEY": DUMMY_KEY},
+        env={**env, "WANDB_API_KEY": DUMMY_KEY, **{f"WANDB_{d}_DIR": str(folder / "wandb-home") for d in WANDB_DIRS}},
         capture_output=True,
         text=True,
         timeout=600,
@@ -135,7 +136,7 @@ def test_throughput_and_data_wait_are_logged(logged_run):
 def test_no_secret_in_any_file_of_the_run(logged_run):
     run, output = logged_run
     assert DUMMY_KEY not in output
-    files = [path for path in run.rglob("*") if path.is_file()]
+    files = [path for path in run.parent.rglob("*") if path.is_file()]  # the run folder and W&B's own folders
     names = {path.name for path in files}
     assert {"train.log", "config.yaml", "metrics.csv", "hparams.yaml", "debug-internal.log", "last.ckpt"} <= names
     assert any(name.endswith(".wandb") for name in names) and any(name.startswith("events.out") for name in names)
