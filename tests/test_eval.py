@@ -47,11 +47,12 @@ def test_single_crop_reproduces_the_training_figures_and_ten_crops_report_their_
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_figures_of_one(trained, tmp_path: Path):
+@pytest.mark.parametrize("protocol", [["data.val_crops=10"], ["data.backend=dali"]], ids=["ten-crop", "dali"])
+def test_two_ranks_give_the_figures_of_one(trained, tmp_path: Path, protocol: list[str]):
     run, cache = trained
     ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
-    one = run_eval(*SMALL_RUN, ckpt, "data.val_crops=10", cache_dir=cache, run_dir=tmp_path / "one")
-    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.val_crops=10"]
+    one = run_eval(*SMALL_RUN, ckpt, *protocol, cache_dir=cache, run_dir=tmp_path / "one")
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *protocol]
     two = run_eval(*SMALL_RUN, ckpt, *ddp, cache_dir=cache, run_dir=tmp_path / "two")
     assert one["summary"]["images"] == two["summary"]["images"] == 60  # each image once
     assert one["summary"] == pytest.approx(two["summary"])
