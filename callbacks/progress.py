@@ -10,6 +10,8 @@ import time
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
 
+from callbacks.throughput import ThroughputMonitor
+
 log = logging.getLogger(__name__)
 
 
@@ -21,6 +23,18 @@ def progress_bar(enabled: bool = True, refresh_every_n_steps: int = 50) -> Progr
     if sys.stdout.isatty():
         return SparseRichProgressBar(metrics_every_n_steps=refresh_every_n_steps)
     return ProgressLines(every_n_steps=refresh_every_n_steps)
+
+
+def step_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The last step's loss and the throughput, read here (not logged to the bar, which Lightning would convert
+    after every batch): a host read of the loss only when a bar redraws."""
+    shown = {}
+    if "train/loss" in trainer.callback_metrics:
+        shown["loss"] = float(trainer.callback_metrics["train/loss"])
+    throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+    if throughput is not None and throughput.images_per_s is not None:
+        shown["img/s"] = throughput.images_per_s
+    return shown
 
 
 class SparseRichProgressBar(RichProgressBar):
@@ -37,13 +51,17 @@ class SparseRichProgressBar(RichProgressBar):
         if self.train_progress_bar_id is None:  # a run resumed in mid-epoch
             self._initialize_train_progress_bar_id()
         self._update(self.train_progress_bar_id, batch_idx + 1)
-        if (batch_idx + 1) % self.metrics_every_n_steps == 0:
+        if trainer.global_step % self.metrics_every_n_steps == 0:  # the steps Lightning logs at
             self._update_metrics(trainer, pl_module)
         self.refresh()
 
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        return {**super().get_metrics(trainer, pl_module), **step_metrics(trainer)}
+
 
 class ProgressLines(ProgressBar):
-    """One line every ``every_n_steps`` training steps: epoch, step, percent, loss, img/s and the epoch's ETA."""
+    """One line every ``every_n_steps`` optimizer steps (the steps Lightning logs at): epoch, step in the epoch,
+    percent, loss, img/s and the epoch's ETA."""
 
     def __init__(self, every_n_steps: int = 50) -> None:
         super().__init__()
@@ -65,12 +83,12 @@ class ProgressLines(ProgressBar):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         self.first_batch = batch_idx if self.first_batch is None else self.first_batch  # a resumed epoch starts late
         done = batch_idx + 1
-        if not self._enabled or done % self.every_n_steps or not trainer.is_global_zero:
+        if not self._enabled or trainer.global_step % self.every_n_steps or not trainer.is_global_zero:
             return
         total = self.total_train_batches
         seconds = time.perf_counter() - self.epoch_start
         eta = seconds / (done - self.first_batch) * (total - done) if isinstance(total, int) else float("nan")
-        metrics = self.get_metrics(trainer, pl_module)
+        metrics = {**self.get_metrics(trainer, pl_module), **step_metrics(trainer)}
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         eta_text = str(datetime.timedelta(seconds=round(eta))) if eta == eta else "?"
         log.info(

@@ -22,6 +22,7 @@ class ThroughputMonitor(pl.Callback):
 
     def __init__(self, data_bound_fraction: float = 0.2) -> None:
         self.data_bound_fraction = data_bound_fraction
+        self.images_per_s: float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.on_train_epoch_start(trainer, pl_module)  # a run resumed in mid-epoch gets no epoch start
@@ -45,7 +46,7 @@ class ThroughputMonitor(pl.Callback):
         metrics = self._rates(trainer, self.window, self.last_step_end - self.window_start)
         if torch.cuda.is_available():
             metrics["perf/gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        pl_module.log("img/s", metrics["perf/images_per_s"], prog_bar=True, logger=False, rank_zero_only=True)
+        self.images_per_s = metrics["perf/images_per_s"]  # what the progress bar shows
         self._log(trainer, metrics)
         self.window_start = self.last_step_end
         self.window = {"steps": 0, "images": 0, "wait": 0.0}

@@ -50,7 +50,8 @@ class ImageClassifier(pl.LightningModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_metrics = _accuracy_metrics(num_classes, "train/")
         self.val_metrics = _accuracy_metrics(num_classes, "val/")
-        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        # no NaN check: it reads a device value on the host at every update (a NaN loss still shows in the mean)
+        self.train_loss, self.val_loss = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images.contiguous(memory_format=self.memory_format))
@@ -61,7 +62,9 @@ class ImageClassifier(pl.LightningModule):
         loss = self.criterion(logits, labels)
         self.train_loss.update(loss.detach(), weight=labels.numel())
         self.train_metrics.update(logits.detach(), labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        # not prog_bar: Lightning converts progress-bar values to numbers after every batch (a host-device sync);
+        # callbacks/progress.py shows it from callback_metrics when it redraws
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
         self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
