@@ -50,8 +50,9 @@ class ImageClassifier(pl.LightningModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_metrics = _accuracy_metrics(num_classes, "train/")
         self.val_metrics = _accuracy_metrics(num_classes, "val/")
-        # no NaN check: it reads a device value on the host at every update (a NaN loss still shows in the mean)
-        self.train_loss, self.val_loss = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
+        # Training: no NaN check, which reads a device value on the host at every update (a NaN loss still shows
+        # in the mean). torchmetrics then ignores weights, so its batches are averaged as equals: they are all full.
+        self.train_loss, self.val_loss = MeanMetric(nan_strategy="disable"), MeanMetric()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images.contiguous(memory_format=self.memory_format))
@@ -60,7 +61,7 @@ class ImageClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
-        self.train_loss.update(loss.detach(), weight=labels.numel())
+        self.train_loss.update(loss.detach())
         self.train_metrics.update(logits.detach(), labels)
         # not prog_bar: Lightning converts progress-bar values to numbers after every batch (a host-device sync);
         # callbacks/progress.py shows it from callback_metrics when it redraws
