@@ -23,9 +23,9 @@ test: $(INSTALLED)
 test-fast: $(INSTALLED)
 	$(VENV)/bin/python -m pytest -m "not slow and not slurm" $(ARGS)
 
-## This trainer vs a plain PyTorch loop, same model, data and steps.
+## The benchmark suite (benchmarks/suite.py): data alone, synthetic compute ceiling, trainer, plain loop; JSON + table.
 bench: $(INSTALLED)
-	$(VENV)/bin/python benchmarks/trainer_vs_loop.py $(ARGS)
+	$(VENV)/bin/python -m benchmarks.suite $(ARGS)
 
 ## PNG plots of a run or sweep folder: make report ARGS=outputs/train/<run id>
 report: $(INSTALLED)

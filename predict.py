@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 
+from data import affinity
 from data.ilsvrc import IMAGE_SUFFIXES, PIXEL_MEAN, PIXEL_STD, wordnet_names
 from data.torchvision_backend import val_transform
 from models.export import load_weights_only
@@ -65,10 +66,13 @@ def predictions(cfg: DictConfig) -> Iterator[tuple[Path, list[tuple[float, str, 
     module.eval()
     names = wordnet_names()
     files = image_files(cfg.inputs)
+    workers = cfg.data.num_workers
+    if workers == "auto":
+        workers = affinity.pipeline_threads(affinity.rank_cpus(0, 1))
     loader = DataLoader(
         Images(files, cfg.data.image_size, cfg.data.val_resize_size),
         batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
+        num_workers=workers,
         collate_fn=list,
     )
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (PIXEL_MEAN, PIXEL_STD))

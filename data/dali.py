@@ -6,6 +6,7 @@ for all ranks so the shards of an epoch partition the set); augmentation seeds d
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
@@ -14,6 +15,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from data.affinity import affinity_mask
 from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, Split
 
 READER = "Reader"
@@ -32,6 +34,7 @@ def ilsvrc_pipeline(
     crop_scale: Sequence[float],
     reader_seed: int,
     output_dtype: str = "float32",
+    hw_decoder_load: float = 0.65,
 ):
     """Train: random-resized crop decoded straight from the JPEG, resize, flip. Val: shorter side, centre crop."""
     jpegs, labels = fn.readers.file(
@@ -49,7 +52,9 @@ def ilsvrc_pipeline(
     )
     gpu_options = {}
     if decoder_device == "mixed":  # the hardware decoder's share set explicitly: its default moved across versions
-        gpu_options = dict(hw_decoder_load=0.65, device_memory_padding=211_025_920, host_memory_padding=140_544_512)
+        gpu_options = dict(
+            hw_decoder_load=hw_decoder_load, device_memory_padding=211_025_920, host_memory_padding=140_544_512
+        )
     if training:
         images = fn.decoders.image_random_crop(
             jpegs,
@@ -76,6 +81,13 @@ def ilsvrc_pipeline(
         mirror=mirror,
     )
     return images, labels
+
+
+def pin_threads(cpus: Sequence[int] | None, num_threads: int) -> None:
+    """Pins the DALI threads of this process's pipelines built with ``set_affinity`` to ``cpus``, unless the user
+    set ``DALI_AFFINITY_MASK`` already. Process-wide and left set: each thread reads it when it starts, later."""
+    if cpus and "DALI_AFFINITY_MASK" not in os.environ:  # long enough for any later pipeline of the process
+        os.environ["DALI_AFFINITY_MASK"] = affinity_mask(list(cpus), max(num_threads, 256))
 
 
 def _iterator(pipeline, last_batch_policy: LastBatchPolicy) -> DALIGenericIterator:
@@ -190,14 +202,27 @@ def batches_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
     return steps
 
 
-def _placement(device: str, device_id: int, rank: int, world_size: int) -> dict:
-    """Pipeline arguments that say where it decodes and which shard it reads."""
+def _placement(
+    num_threads: int,
+    device: str,
+    device_id: int,
+    rank: int,
+    world_size: int,
+    cpus: Sequence[int] | None,
+    prefetch_depth: int,
+    hw_decoder_load: float,
+) -> dict:
+    """Pipeline arguments that say where it decodes, which shard it reads, and how it uses the machine."""
     decoder = decoder_device(device)
+    pin_threads(cpus, num_threads)
     return dict(
         decoder_device=decoder,
         device_id=device_id if decoder == "mixed" else None,
         shard_id=rank,
         num_shards=world_size,
+        set_affinity=bool(cpus),
+        prefetch_queue_depth=prefetch_depth,
+        hw_decoder_load=hw_decoder_load,
     )
 
 
@@ -214,10 +239,14 @@ def train_loader(
     device_id: int,
     trained_batches: Callable[[], int] = lambda: 0,
     output_dtype: str = "float32",
+    cpus: Sequence[int] | None = None,
+    prefetch_depth: int = 2,
+    hw_decoder_load: float = 0.65,
 ) -> ResumableDaliLoader:
     """Every rank runs ``batches_per_epoch`` steps: the same count on each, full batches only.
 
-    ``trained_batches`` tells, when a checkpoint is restored, how many batches of its epoch were trained.
+    ``trained_batches`` tells, when a checkpoint is restored, how many batches of its epoch were trained;
+    ``cpus``, the cores this rank's DALI threads are pinned to (none: unpinned).
     """
     build_pipeline = partial(
         ilsvrc_pipeline,
@@ -232,11 +261,15 @@ def train_loader(
         seed=seed + 1 + rank,
         enable_checkpointing=True,
         output_dtype=output_dtype,
-        **_placement(device, device_id, rank, world_size),
+        **_placement(num_threads, device, device_id, rank, world_size, cpus, prefetch_depth, hw_decoder_load),
     )
     steps = batches_per_epoch(len(split), world_size, batch_size)
     return ResumableDaliLoader(
-        lambda checkpoint: build_pipeline(checkpoint=checkpoint), steps, trained_batches, rank, world_size
+        lambda checkpoint: build_pipeline(checkpoint=checkpoint),
+        steps,
+        trained_batches,
+        rank,
+        world_size,
     )
 
 
@@ -251,6 +284,9 @@ def val_loader(
     device: str,
     device_id: int,
     output_dtype: str = "float32",
+    cpus: Sequence[int] | None = None,
+    prefetch_depth: int = 2,
+    hw_decoder_load: float = 0.65,
 ) -> DaliLoader:
     """Each rank its own contiguous shard, the last batch partial: every image counted exactly once."""
     pipeline = ilsvrc_pipeline(
@@ -263,6 +299,6 @@ def val_loader(
         batch_size=batch_size,
         num_threads=num_threads,
         output_dtype=output_dtype,
-        **_placement(device, device_id, rank, world_size),
+        **_placement(num_threads, device, device_id, rank, world_size, cpus, prefetch_depth, hw_decoder_load),
     )
     return DaliLoader(pipeline, None, LastBatchPolicy.PARTIAL)

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from data import dali, torchvision_backend
+from data import affinity, dali, torchvision_backend
 from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, ILSVRCLayout, load_layout
 from data.index import indexed_layout
 
@@ -36,11 +36,14 @@ class ImageNetDataModule(pl.LightningDataModule):
         image_size: int = 224,
         val_resize_size: int = 256,
         train_crop_scale: Sequence[float] = (0.08, 1.0),
-        num_workers: int = 8,
+        num_workers: int | str = "auto",
         pin_memory: bool = True,
         seed: int = 0,
         dali_device: str = "auto",
-        dali_output_dtype: str = "float32",
+        dali_output_dtype: str = "auto",
+        dali_prefetch_depth: int = 2,
+        dali_hw_decoder_load: float = 0.65,
+        cpu_affinity: bool = True,
         index: str = "fast",
         index_workers: int | None = None,
         cache_dir: str | os.PathLike = "~/.cache/imagenet-pipeline",
@@ -58,11 +61,15 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.image_size, self.val_resize_size, self.train_crop_scale = image_size, val_resize_size, train_crop_scale
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.dali_device = dali.decoder_device(dali_device) if backend == "dali" else None
-        if dali_output_dtype not in dali.OUTPUT_DTYPES:
+        if dali_output_dtype not in ("auto", *dali.OUTPUT_DTYPES):
             raise ValueError(
-                f"data.dali_output_dtype must be one of {list(dali.OUTPUT_DTYPES)}, got {dali_output_dtype!r}"
+                f"data.dali_output_dtype must be auto or one of {list(dali.OUTPUT_DTYPES)}, got {dali_output_dtype!r}"
             )
+        if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ValueError(f"data.num_workers must be auto or a count >= 0, got {num_workers!r}")
         self.dali_output_dtype = dali_output_dtype
+        self.dali_prefetch_depth, self.dali_hw_decoder_load = dali_prefetch_depth, dali_hw_decoder_load
+        self.cpu_affinity = cpu_affinity
         self.index, self.index_workers, self.cache_dir = index, index_workers or os.cpu_count(), cache_dir
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -92,9 +99,34 @@ class ImageNetDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    @cached_property
+    def rank_cpus(self) -> list[int]:
+        """The cores of this rank's share of the node (data/affinity.py), near its GPU where one decodes."""
+        trainer = self.trainer
+        local_world = trainer.num_devices if trainer is not None else 1
+        gpu_local = affinity.gpu_local_cpus(self._local_rank()) if self.dali_device == "mixed" else None
+        return affinity.rank_cpus(self._local_rank(), local_world, gpu_local)
+
     @property
-    def _dali_threads(self) -> int:
-        return max(1, self.num_workers)  # num_workers=0 means "in this process" for the DataLoader
+    def workers(self) -> int:
+        """DataLoader workers or DALI threads per rank: ``num_workers``, or with ``auto`` the rank's cores less one."""
+        return affinity.pipeline_threads(self.rank_cpus) if self.num_workers == "auto" else self.num_workers
+
+    def _dali_options(self) -> dict:
+        """What the DALI loaders take from the machine and the run: threads, cores, prefetch, output dtype."""
+        dtype = self.dali_output_dtype
+        if dtype == "auto":  # half the bytes when the run computes in 16 bits anyway (DALI has no bfloat16)
+            precision = str(self.trainer.precision) if self.trainer is not None else "32-true"
+            dtype = "float16" if precision.startswith(("16", "bf16")) else "float32"
+        return dict(
+            num_threads=max(1, self.workers),  # num_workers=0 means "in this process" for the DataLoader
+            device=self.dali_device,
+            device_id=self._local_rank(),
+            output_dtype=dtype,
+            cpus=self.rank_cpus if self.cpu_affinity else None,
+            prefetch_depth=self.dali_prefetch_depth,
+            hw_decoder_load=self.dali_hw_decoder_load,
+        )
 
     def _trained_batches(self) -> int:
         """Batches of the current epoch already trained, as the fit loop restored them from a checkpoint."""
@@ -122,14 +154,8 @@ class ImageNetDataModule(pl.LightningDataModule):
             trained_batches=self._trained_batches,
         )
         if self.backend == "dali":
-            return dali.train_loader(
-                **shared,
-                num_threads=self._dali_threads,
-                device=self.dali_device,
-                device_id=self._local_rank(),
-                output_dtype=self.dali_output_dtype,
-            )
-        return torchvision_backend.train_loader(**shared, num_workers=self.num_workers, pin_memory=self.pin_memory)
+            return dali.train_loader(**shared, **self._dali_options())
+        return torchvision_backend.train_loader(**shared, num_workers=self.workers, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader | dali.DaliLoader:
         rank, world_size = self._rank_and_world()
@@ -142,15 +168,9 @@ class ImageNetDataModule(pl.LightningDataModule):
             world_size=world_size,
         )
         if self.backend == "dali":
-            return dali.val_loader(
-                **shared,
-                num_threads=self._dali_threads,
-                device=self.dali_device,
-                device_id=self._local_rank(),
-                output_dtype=self.dali_output_dtype,
-            )
+            return dali.val_loader(**shared, **self._dali_options())
         return torchvision_backend.val_loader(
-            **shared, num_workers=self.num_workers, pin_memory=self.pin_memory, ten_crop=self.val_crops == 10
+            **shared, num_workers=self.workers, pin_memory=self.pin_memory, ten_crop=self.val_crops == 10
         )
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):

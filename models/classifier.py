@@ -26,6 +26,8 @@ def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
 class ImageClassifier(pl.LightningModule):
     """Cross-entropy classifier; top-1/top-5 accumulate on the device and are reduced across ranks per epoch.
 
+    ``channels_last`` keeps weights and inputs in NHWC (what DALI outputs; the fast layout for convolutions on
+    tensor cores); ``compile`` compiles the network with ``torch.compile`` on its first batch.
     ``optimizer.lr`` is the learning rate per ``lr_reference_batch`` images: the one used is scaled by the real
     global batch (per-device batch x world size x gradient accumulation), the linear scaling rule of Goyal et al.
     """
@@ -40,12 +42,15 @@ class ImageClassifier(pl.LightningModule):
         weight_decay_on_norm_and_bias: bool = True,
         lr_reference_batch: int | None = 256,
         channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net(num_classes=num_classes)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
+        if compile:  # in place: the state_dict keeps its keys, so checkpoints and exports are unchanged
+            self.net.compile()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_metrics = _accuracy_metrics(num_classes, "train/")

@@ -71,3 +71,63 @@ def _with(observer: pl.Callback):
         return [*objects, observer] if objects and isinstance(objects[0], pl.Callback) else objects
 
     return instantiate_with_observer
+
+
+class FastPathProbe(pl.Callback):
+    """What the first convolution receives in a training step, and the optimizer the trainer built."""
+
+    def __init__(self) -> None:
+        self.batches, self.conv_inputs, self.optimizers = [], [], []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        pl_module.net.conv1.register_forward_pre_hook(self._conv_input)
+        self.optimizers = trainer.optimizers
+        self.cudnn_benchmark = torch.backends.cudnn.benchmark
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append((batch[0].data_ptr(), batch[0].dtype))
+
+    def _conv_input(self, conv: torch.nn.Module, inputs: tuple[torch.Tensor]) -> None:
+        images = inputs[0]
+        self.conv_inputs.append(
+            {
+                "data_ptr": images.data_ptr(),
+                "channels_last": images.is_contiguous(memory_format=torch.channels_last) and images.shape[1] == 3,
+                "weight_channels_last": conv.weight.is_contiguous(memory_format=torch.channels_last),
+                "autocast": torch.is_autocast_enabled(images.device.type),
+                "autocast_dtype": torch.get_autocast_dtype(images.device.type),
+            }
+        )
+
+
+@pytest.mark.slow
+def test_gpu_preset_switches_reach_the_model(make_cfg, small_demo_root, monkeypatch):
+    """experiment=resnet50_fast on the CPU (bf16 autocast runs there): DALI's NHWC output is what the first
+    convolution gets, without a copy, with channels_last weights, under bf16 autocast; the optimizer is fused;
+    cudnn picks its fastest kernels (benchmark)."""
+    cfg = make_cfg(
+        "experiment=resnet50_fast",
+        "trainer.accelerator=cpu",  # the rest of trainer=gpu as it is: bf16-mixed, cudnn benchmark
+        f"data.root={small_demo_root}",
+        "data.image_size=32",
+        "data.val_resize_size=36",
+        "data.batch_size=16",
+        "data.index=none",
+        "+trainer.max_steps=3",
+        "+trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+    )
+    assert cfg.data.backend == "dali" and cfg.trainer.precision == "bf16-mixed"
+    probe = FastPathProbe()
+    monkeypatch.setattr("train.instantiate_all", _with(probe))
+    train(cfg)
+    (optimizer,) = probe.optimizers
+    assert probe.cudnn_benchmark is True
+    assert optimizer.defaults["fused"] is True and not optimizer.defaults["foreach"]
+    training_inputs = probe.conv_inputs[: len(probe.batches)]
+    assert len(probe.batches) == 3 and len(training_inputs) == 3
+    for (batch_ptr, batch_dtype), seen in zip(probe.batches, training_inputs):
+        assert batch_dtype == torch.float16  # data.dali_output_dtype=auto in a 16-bit run: half the bytes
+        assert seen["data_ptr"] == batch_ptr, "the batch was copied on its way to the first convolution"
+        assert seen["channels_last"] and seen["weight_channels_last"]
+        assert seen["autocast"] and seen["autocast_dtype"] == torch.bfloat16

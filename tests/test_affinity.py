@@ -1,0 +1,73 @@
+"""Each rank's data threads on its own cores: the split, and real DALI threads pinned to it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from data import affinity, dali
+from data.ilsvrc import load_layout
+
+ALLOWED = sorted(os.sched_getaffinity(0))
+
+
+def _thread_cpus() -> dict[str, str]:
+    """Name -> allowed CPU list of this process's threads, as the kernel reports them."""
+    threads = {}
+    for task in Path("/proc/self/task").iterdir():
+        status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line)
+        threads[f"{(task / 'comm').read_text().strip()} {task.name}"] = status["Cpus_allowed_list"].strip()
+    return threads
+
+
+def test_cpulist_format():
+    assert affinity._parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_ranks_of_a_node_split_its_cores(monkeypatch, ranks: int):
+    cores = list(range(16))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cores))
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    slices = [affinity.rank_cpus(rank, ranks) for rank in range(ranks)]
+    assert sorted(cpu for s in slices for cpu in s) == cores  # disjoint, and every core used
+    assert max(map(len, slices)) - min(map(len, slices)) <= 1
+
+
+def test_a_process_bound_to_its_share_keeps_it(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5, 6})  # e.g. srun --cpus-per-task=2 --cpu-bind=cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert affinity.rank_cpus(3, 8) == [5, 6]
+
+
+def test_ranks_split_the_cores_near_their_gpus(monkeypatch):
+    """8 GPUs, 0-3 near cores 0-15 and 4-7 near 16-31: rank 5 gets its share of 16-31."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(affinity, "gpu_local_cpus", lambda gpu: list(range(16)) if gpu < 4 else list(range(16, 32)))
+    assert affinity.rank_cpus(5, 8, affinity.gpu_local_cpus(5)) == [20, 21, 22, 23]
+    assert affinity.pipeline_threads([20, 21, 22, 23]) == 3
+    assert affinity.affinity_mask([20, 21], 3) == "20,21,20"
+
+
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 usable CPU cores")
+def test_dali_threads_run_on_the_rank_cores(small_demo_root: Path, monkeypatch):
+    """Two ranks' worth of cores on this machine: rank 1's DALI pipeline threads are allowed only its core."""
+    monkeypatch.setenv("DALI_AFFINITY_MASK", "")
+    monkeypatch.delenv("DALI_AFFINITY_MASK")  # and restored as it was after the test
+    cpus = affinity.rank_cpus(1, 2)
+    assert cpus == [ALLOWED[1]]
+    before = set(_thread_cpus())
+    loader = dali.train_loader(load_layout(small_demo_root).train, 8, 32, (0.35, 1.0), 2, 0, 1, 0, "cpu", 0, cpus=cpus)
+    next(iter(loader))
+    workers = {name: allowed for name, allowed in _thread_cpus().items() if name not in before and "[DALI][TP" in name}
+    assert len(workers) == 2 and set(workers.values()) == {str(cpus[0])}, workers
+    assert os.environ["DALI_AFFINITY_MASK"].startswith(f"{cpus[0]},{cpus[0]},")
+
+
+def test_a_user_mask_is_left_as_it_is(monkeypatch):
+    monkeypatch.setenv("DALI_AFFINITY_MASK", "0,0")
+    dali.pin_threads([1], 2)
+    assert os.environ["DALI_AFFINITY_MASK"] == "0,0"

@@ -1,0 +1,60 @@
+"""The benchmark suite end to end at small sizes, as a user runs it: its JSON, its table, its exact step counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import PROJECT_ROOT, SMALL_RUN
+
+MEASUREMENTS = ("data", "synthetic", "trainer", "loop")
+
+
+@pytest.mark.slow
+def test_suite_measures_all_four_and_writes_json_and_table(tmp_path: Path, cache_dir: Path):
+    out = tmp_path / "bench"
+    command = [
+        sys.executable, "-m", "benchmarks.suite", "--out", str(out), "--warmup", "2", "--windows", "2",
+        "--window-steps", "3", f"paths.cache_dir={cache_dir}", *SMALL_RUN, "data.batch_size=8", "data.backend=dali",
+        "model.channels_last=true", "optimizer.fused=true",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    config = report["config"]
+    assert (config["model"], config["batch"], config["image_size"], config["data_backend"]) == (
+        "resnet18",
+        8,
+        32,
+        "dali",
+    )
+    assert config["channels_last"] is True and config["optimizer_fused"] is True and config["device"] == "cpu"
+    assert list(report["results"]) == list(MEASUREMENTS)
+    for name, result in report["results"].items():
+        assert result["timed_steps"] == 6 and len(result["images_per_s_windows"]) == 2, name
+        assert all(rate > 0 for rate in result["images_per_s_windows"]), name
+        assert min(result["images_per_s_windows"]) <= result["images_per_s"] <= max(result["images_per_s_windows"])
+        steps = result["step_time_ms"]
+        assert 0 < steps["p50"] <= steps["p90"] <= steps["p99"], name
+        assert result["host_peak_rss_gb"] > 0.1, name
+    for name in ("trainer", "loop"):
+        assert 0 <= report["results"][name]["data_wait_fraction"] <= 1
+        assert 0 < report["results"][name]["mfu"] < 1
+    assert report["results"]["data"]["data_wait_fraction"] == pytest.approx(1, abs=0.05)  # all it does is wait
+    assert report["results"]["synthetic"]["data_wait_fraction"] is None
+    ratio = report["results"]["trainer"]["images_per_s"] / report["results"]["loop"]["images_per_s"]
+    assert report["trainer_vs_loop"] == pytest.approx(ratio)
+    # forward + backward = 3 x forward; torchvision's 1.81 GMACs (2 FLOPs each) at 224 px scale with the pixels
+    assert report["training_flops_per_image"] == pytest.approx(3 * 2 * 1.82e9 * (32 / 224) ** 2, rel=0.1)
+    assert report["peak_flops"]["measured_matmul"] > 1e9 and report["peak_flops"]["datasheet"] is None
+    machine = report["machine"]
+    assert machine["cpu_cores"] == os.cpu_count() and machine["torch"] == torch.__version__ and machine["gpu"] is None
+    table = (out / "bench.md").read_text()
+    assert "| measurement | img/s |" in table and "trainer / plain loop:" in table
+    assert all(f"| {name} |" in table for name in MEASUREMENTS)
