@@ -33,7 +33,7 @@ def ilsvrc_pipeline(
     resize_size: int,
     crop_scale: Sequence[float],
     reader_seed: int,
-    output_dtype: str = "float32",
+    image_dtype: str = "float32",
     hw_decoder_load: float = 0.65,
 ):
     """Train: random-resized crop decoded straight from the JPEG, resize, flip. Val: shorter side, centre crop."""
@@ -73,7 +73,7 @@ def ilsvrc_pipeline(
         mirror = 0
     images = fn.crop_mirror_normalize(
         images,
-        dtype=OUTPUT_DTYPES[output_dtype],
+        dtype=OUTPUT_DTYPES[image_dtype],
         output_layout="HWC",
         crop=(image_size, image_size),
         mean=list(PIXEL_MEAN),
@@ -260,7 +260,7 @@ def train_loader(
         num_threads=num_threads,
         seed=seed + 1 + rank,
         enable_checkpointing=True,
-        output_dtype=output_dtype,
+        image_dtype=output_dtype,
         **_placement(num_threads, device, device_id, rank, world_size, cpus, prefetch_depth, hw_decoder_load),
     )
     steps = batches_per_epoch(len(split), world_size, batch_size)
@@ -298,7 +298,7 @@ def val_loader(
         reader_seed=0,
         batch_size=batch_size,
         num_threads=num_threads,
-        output_dtype=output_dtype,
+        image_dtype=output_dtype,
         **_placement(num_threads, device, device_id, rank, world_size, cpus, prefetch_depth, hw_decoder_load),
     )
     return DaliLoader(pipeline, None, LastBatchPolicy.PARTIAL)
