@@ -1,6 +1,6 @@
 """The benchmark suite: how fast a configured run trains, and what bounds it.
 
-    python -m benchmarks.suite [--out DIR] [--windows 5] [--window-steps 20] [--warmup 10]
+    python -m benchmarks.suite [--out DIR] [--windows 5] [--window-steps 20] [--warmup 10] [--repeats 1]
                                [--only data,synthetic,trainer,loop] [hydra overrides ...]
 
 For the model, batch, precision and data backend the overrides configure (default: experiment=demo), on one
@@ -8,9 +8,10 @@ device: (a) ``data``, the train data pipeline alone, batches delivered on the de
 ``synthetic``, training on random tensors already on the device, shaped like the pipeline's batches: the compute
 ceiling; (c) ``trainer``, this project's Lightning trainer end to end from the JPEG files, with the configured
 callbacks and loggers; (d) ``loop``, a plain PyTorch loop over the same loader, model, optimizer and schedule.
-Each reports images/s (median of ``--windows`` timed windows after ``--warmup`` steps), step-time percentiles,
-the fraction of time spent waiting for data, peak memory and the model FLOPs utilisation; the machine and the
-versions go with them into ``DIR/bench.json`` and a table (``DIR/bench.md``, also printed).
+Each reports images/s (median of ``--windows`` timed windows after ``--warmup`` steps, over ``--repeats`` runs
+taken in turn), step-time percentiles, the fraction of time spent waiting for data, peak memory and the model
+FLOPs utilisation; the machine and the versions go with them into ``DIR/bench.json`` and a table
+(``DIR/bench.md``, also printed).
 
 Step times come from CUDA events on a GPU (no synchronisation inside a window) and the host clock on a CPU.
 """
@@ -78,14 +79,17 @@ class StepClock:
         return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def summarise(clock: StepClock, batch: int, warmup: int, windows: int, window_steps: int) -> dict:
-    """Images/s per window (median reported), step-time percentiles and the data-wait fraction of the timed steps."""
-    steps = clock.seconds_between_marks()[warmup - 1 :]  # mark k is the end of step k: from the end of warm-up
-    steps = steps[: windows * window_steps]
-    if len(steps) < windows * window_steps:
-        raise RuntimeError(f"only {len(steps)} timed steps were recorded, {windows * window_steps} were asked for")
-    rates = [window_steps * batch / sum(steps[i : i + window_steps]) for i in range(0, len(steps), window_steps)]
-    waits = clock.waits[warmup : warmup + len(steps)]
+def summarise(clocks: list[StepClock], batch: int, warmup: int, windows: int, window_steps: int) -> dict:
+    """Images/s per window over all repeats (median reported), step-time percentiles and the data-wait fraction
+    of the timed steps."""
+    steps, waits, rates = [], [], []
+    for clock in clocks:
+        timed = clock.seconds_between_marks()[warmup - 1 :][: windows * window_steps]  # mark k ends step k
+        if len(timed) < windows * window_steps:
+            raise RuntimeError(f"only {len(timed)} timed steps were recorded, {windows * window_steps} were asked for")
+        rates += [window_steps * batch / sum(timed[i : i + window_steps]) for i in range(0, len(timed), window_steps)]
+        steps += timed
+        waits += clock.waits[warmup : warmup + len(timed)]
     quantiles = statistics.quantiles(steps, n=100, method="inclusive")
     return {
         "images_per_s": statistics.median(rates),
@@ -93,7 +97,7 @@ def summarise(clock: StepClock, batch: int, warmup: int, windows: int, window_st
         "step_time_ms": {"p50": 1000 * quantiles[49], "p90": 1000 * quantiles[89], "p99": 1000 * quantiles[98]},
         "data_wait_fraction": min(1.0, sum(waits) / sum(steps)) if waits else None,
         "timed_steps": len(steps),
-        "first_step_s": clock.first_step_end - clock.start,  # with torch.compile's compilation, if on
+        "first_step_s": clocks[0].first_step_end - clocks[0].start,  # with torch.compile's compilation, if on
     }
 
 
@@ -314,26 +318,34 @@ def peak_memory_gb(device: torch.device) -> dict:
     return {"host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # the process so far
 
 
-def run_suite(cfg: DictConfig, only: tuple[str, ...], warmup: int, windows: int, window_steps: int) -> dict:
+def run_suite(
+    cfg: DictConfig, only: tuple[str, ...], warmup: int, windows: int, window_steps: int, repeats: int = 1
+) -> dict:
+    """Each measurement ``repeats`` times, in turn (a drift in the machine's speed then hits all of them alike)."""
     steps = warmup + windows * window_steps
-    results: dict = {}
+    clocks: dict[str, list[StepClock]] = {name: [] for name in only}
+    memory: dict[str, dict] = {}
     flops_per_image = None
-    for name in only:
-        if _uses_cuda(cfg):
-            torch.cuda.reset_peak_memory_stats()
-        if name == "trainer":
-            setup, clock = measure_trainer(cfg, steps)
-        else:
-            setup = Setup(cfg, logger=False, enable_checkpointing=False)
-            clock = {"data": measure_data, "synthetic": measure_synthetic, "loop": measure_loop}[name](setup, steps)
-        results[name] = {**summarise(clock, setup.batch, warmup, windows, window_steps), **peak_memory_gb(setup.device)}
-        if flops_per_image is None:
-            flops_per_image = training_flops_per_image(setup)
-            device = setup.device
-        del setup, clock
-        gc.collect()  # the previous measurement's pipeline threads and device memory
-        if _uses_cuda(cfg):
-            torch.cuda.empty_cache()
+    for _ in range(repeats):
+        for name in only:
+            if _uses_cuda(cfg):
+                torch.cuda.reset_peak_memory_stats()
+            if name == "trainer":
+                setup, clock = measure_trainer(cfg, steps)
+            else:
+                setup = Setup(cfg, logger=False, enable_checkpointing=False)
+                measure = {"data": measure_data, "synthetic": measure_synthetic, "loop": measure_loop}[name]
+                clock = measure(setup, steps)
+            clocks[name].append(clock)
+            memory[name] = {key: max(value, memory.get(name, {}).get(key, 0.0))
+                            for key, value in peak_memory_gb(setup.device).items()}  # fmt: skip
+            if flops_per_image is None:
+                flops_per_image, device, batch = training_flops_per_image(setup), setup.device, setup.batch
+            del setup
+            gc.collect()  # the previous measurement's pipeline threads and device memory
+            if _uses_cuda(cfg):
+                torch.cuda.empty_cache()
+    results = {name: {**summarise(clocks[name], batch, warmup, windows, window_steps), **memory[name]} for name in only}
     precision = str(cfg.trainer.precision)
     dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0], torch.float32)
     peak = peak_flops(device, dtype)
@@ -358,6 +370,7 @@ def run_suite(cfg: DictConfig, only: tuple[str, ...], warmup: int, windows: int,
             "warmup_steps": warmup,
             "windows": windows,
             "window_steps": window_steps,
+            "repeats": repeats,
         },
         "training_flops_per_image": flops_per_image,
         "peak_flops": peak,
@@ -375,8 +388,8 @@ def table(report: dict) -> str:
         f"{c['model']}, batch {c['batch']}, {c['image_size']} px, {c['precision']}, channels_last "
         f"{c['channels_last']}, compile {c['compile']}, fused SGD {c['optimizer_fused']}, data {c['data_backend']}, "
         f"on {c['device']} ({m['gpu'] or m['cpu']}; {m['cpu_cores']} CPU cores); torch {m['torch']}, "
-        f"Lightning {m['pytorch_lightning']}, DALI {m['dali']}; median of {c['windows']} windows of "
-        f"{c['window_steps']} steps after {c['warmup_steps']}; MFU against the {report['mfu_against']} peak "
+        f"Lightning {m['pytorch_lightning']}, DALI {m['dali']}; median of {c['repeats']} x {c['windows']} windows "
+        f"of {c['window_steps']} steps after {c['warmup_steps']}; MFU against the {report['mfu_against']} peak "
         f"({report['peak_flops']['datasheet'] or report['peak_flops']['measured_matmul']:.3g} FLOP/s "
         f"{report['peak_flops']['dtype']}), {report['training_flops_per_image']:.3g} FLOP per trained image",
         "",
@@ -403,18 +416,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--window-steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each measurement, taken in turn")
     parser.add_argument(
         "--only", default=",".join(MEASUREMENTS), help="comma-separated subset of " + ", ".join(MEASUREMENTS)
     )
     args, overrides = parser.parse_known_args(argv)
     only = tuple(args.only.split(","))
     unknown = [name for name in only if name not in MEASUREMENTS]
-    if unknown or args.warmup < 1 or args.windows < 1 or args.window_steps < 1:
-        parser.error(f"--only takes {', '.join(MEASUREMENTS)} (got {unknown}); warmup, windows, steps must be >= 1")
+    if unknown or min(args.warmup, args.windows, args.window_steps, args.repeats) < 1:
+        parser.error(f"--only takes {', '.join(MEASUREMENTS)} (got {unknown}); the counts must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose_config(overrides, run_dir)
-        report = run_suite(cfg, only, args.warmup, args.windows, args.window_steps)
+        report = run_suite(cfg, only, args.warmup, args.windows, args.window_steps, args.repeats)
     report["overrides"] = overrides
     report["resolved_config"] = OmegaConf.to_container(cfg, resolve=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=1, default=str))

@@ -21,8 +21,8 @@ def test_suite_measures_all_four_and_writes_json_and_table(tmp_path: Path, cache
     out = tmp_path / "bench"
     command = [
         sys.executable, "-m", "benchmarks.suite", "--out", str(out), "--warmup", "2", "--windows", "2",
-        "--window-steps", "3", f"paths.cache_dir={cache_dir}", *SMALL_RUN, "data.batch_size=8", "data.backend=dali",
-        "model.channels_last=true", "optimizer.fused=true",
+        "--window-steps", "3", "--repeats", "2", f"paths.cache_dir={cache_dir}", *SMALL_RUN, "data.batch_size=8",
+        "data.backend=dali", "model.channels_last=true", "optimizer.fused=true",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -37,7 +37,7 @@ def test_suite_measures_all_four_and_writes_json_and_table(tmp_path: Path, cache
     assert config["channels_last"] is True and config["optimizer_fused"] is True and config["device"] == "cpu"
     assert list(report["results"]) == list(MEASUREMENTS)
     for name, result in report["results"].items():
-        assert result["timed_steps"] == 6 and len(result["images_per_s_windows"]) == 2, name
+        assert result["timed_steps"] == 2 * 2 * 3 and len(result["images_per_s_windows"]) == 2 * 2, name
         assert all(rate > 0 for rate in result["images_per_s_windows"]), name
         assert min(result["images_per_s_windows"]) <= result["images_per_s"] <= max(result["images_per_s_windows"])
         steps = result["step_time_ms"]

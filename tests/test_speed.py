@@ -1,8 +1,10 @@
-"""The training step's hot path: no host read of a device value between logging steps."""
+"""The training step's hot path: no host read of a device value, nor an op that waits for the device (its output's
+size depends on the values), between logging steps."""
 
 from __future__ import annotations
 
 import traceback
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -11,7 +13,19 @@ import torch
 from tests.conftest import SMALL_RUN
 from train import train
 
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+HOST_READS = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "nonzero",
+    "unique",
+    "masked_select",
+)
+VALUE_SIZED_OPS = ("unique", "nonzero", "masked_select", "bincount", "unique_consecutive")  # sync on a GPU
 DATA_LOADING = ("torchvision/transforms", "torch/utils/data", "data/torchvision_backend.py")
 
 
@@ -46,14 +60,14 @@ def test_training_steps_read_no_device_value_between_logging_steps(make_cfg, sma
     overrides = ["trainer.max_epochs=2", f"trainer.log_every_n_steps={log_every}", "trainer.enable_progress_bar=true"]
     cfg = make_cfg(*SMALL_RUN, *overrides)  # the progress bar (plain lines here) included
     observer = HostReads()
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
+    for owner, name in [*((torch.Tensor, n) for n in HOST_READS), *((torch, n) for n in VALUE_SIZED_OPS)]:
+        original = getattr(owner, name)
 
-        def counting(self, *args, _original=original, _name=name, **kwargs):
+        def counting(*args, _original=original, _name=name, **kwargs):
             observer.record(_name)
-            return _original(self, *args, **kwargs)
+            return _original(*args, **kwargs)
 
-        monkeypatch.setattr(torch.Tensor, name, counting)
+        monkeypatch.setattr(owner, name, counting)
     monkeypatch.setattr("train.instantiate_all", _with(observer))
     train(cfg)
     # a step k reads only when it logs (k + 1 a multiple of log_every) or ends an epoch (12 steps per epoch)
@@ -131,3 +145,37 @@ def test_gpu_preset_switches_reach_the_model(make_cfg, small_demo_root, monkeypa
         assert seen["data_ptr"] == batch_ptr, "the batch was copied on its way to the first convolution"
         assert seen["channels_last"] and seen["weight_channels_last"]
         assert seen["autocast"] and seen["autocast_dtype"] == torch.bfloat16
+
+
+class SyncWatch(pl.Callback):
+    """CUDA's sync debug mode on ("warn") inside the training steps that do not log."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if (trainer.global_step + 1) % trainer.log_every_n_steps:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_gpu_training_steps_do_not_synchronise(make_cfg, small_demo_root, monkeypatch):
+    """The GPU preset with DALI decoding on the GPU: CUDA reports no synchronising call inside a non-logging step."""
+    cfg = make_cfg(
+        "experiment=resnet50_fast",
+        "model=resnet18",
+        f"data.root={small_demo_root}",
+        "data.image_size=32",
+        "data.val_resize_size=36",
+        "data.batch_size=16",
+        "data.index=none",
+        "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=5",
+        "trainer.enable_progress_bar=false",
+    )
+    monkeypatch.setattr("train.instantiate_all", _with(SyncWatch()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    syncs = [str(w.message) for w in caught if "synchronizing" in str(w.message)]
+    assert not syncs, syncs[:3]
