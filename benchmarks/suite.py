@@ -118,6 +118,11 @@ def compose_config(overrides: list[str], output_dir: str) -> DictConfig:
     return cfg
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a Lightning precision setting (``bf16-mixed`` -> bfloat16), None without autocast."""
+    return {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0])
+
+
 class Setup:
     """The configured datamodule, module and a trainer (the fitted one for ``trainer``, an idle one otherwise,
     which tells the datamodule its device and precision)."""
@@ -146,11 +151,10 @@ class Setup:
 
     def step_function(self) -> Callable[[torch.Tensor, torch.Tensor], None]:
         """What a hand-written loop does per batch: autocast forward, loss, backward, optimizer and schedule."""
-        module, precision = self.module, str(self.cfg.trainer.precision)
-        dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+        module, dtype = self.module, autocast_dtype(self.cfg.trainer.precision)
         autocast = torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
         scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
-        optimizer = instantiate(self.cfg.optimizer)(module._parameter_groups())
+        optimizer = instantiate(self.cfg.optimizer)(module.parameter_groups())
         steps_per_epoch = self.datamodule.train_batches_per_epoch(1)
         scheduler = instantiate(self.cfg.scheduler)(optimizer, steps_per_epoch=steps_per_epoch)
         module.train()
@@ -337,8 +341,8 @@ def run_suite(
                 measure = {"data": measure_data, "synthetic": measure_synthetic, "loop": measure_loop}[name]
                 clock = measure(setup, steps)
             clocks[name].append(clock)
-            memory[name] = {key: max(value, memory.get(name, {}).get(key, 0.0))
-                            for key, value in peak_memory_gb(setup.device).items()}  # fmt: skip
+            previous = memory.get(name, {})
+            memory[name] = {key: max(gb, previous.get(key, 0.0)) for key, gb in peak_memory_gb(setup.device).items()}
             if flops_per_image is None:
                 flops_per_image, device, batch = training_flops_per_image(setup), setup.device, setup.batch
             del setup
@@ -347,8 +351,7 @@ def run_suite(
                 torch.cuda.empty_cache()
     results = {name: {**summarise(clocks[name], batch, warmup, windows, window_steps), **memory[name]} for name in only}
     precision = str(cfg.trainer.precision)
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0], torch.float32)
-    peak = peak_flops(device, dtype)
+    peak = peak_flops(device, autocast_dtype(precision) or torch.float32)
     reference = peak["datasheet"] or peak["measured_matmul"]
     for name, result in results.items():
         if name != "data":

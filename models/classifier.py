@@ -88,7 +88,7 @@ class ImageClassifier(pl.LightningModule):
         self.log_dict(self.val_metrics, on_step=False, on_epoch=True, prog_bar=True)
         return logits
 
-    def _parameter_groups(self) -> list[dict]:
+    def parameter_groups(self) -> list[dict]:
         """Norm weights and biases (every 1-d parameter) optionally without weight decay."""
         if self.hparams.weight_decay_on_norm_and_bias:
             return [{"params": list(self.net.parameters())}]
@@ -109,7 +109,7 @@ class ImageClassifier(pl.LightningModule):
             if reference
             else f"Learning rate {lr:g} (no batch scaling); global batch {global_batch}"
         )
-        optimizer = self.optimizer_factory(self._parameter_groups(), lr=lr)
+        optimizer = self.optimizer_factory(self.parameter_groups(), lr=lr)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         steps_per_epoch = max(1, math.ceil(self._batches_per_epoch() / trainer.accumulate_grad_batches))
