@@ -45,10 +45,11 @@ def link_layout(files: list[Path], out: Path, copies: int) -> Path:
     """OUT/train/<wnid>/ with ``copies`` links per file, OUT/val/<wnid>/ with one: a root ``data.root`` reads."""
     if not files:
         raise ValueError("no JPEG files to link")
+    wnids = wordnet_names()
     for split, count in (("train", copies), ("val", 1)):
         for file in files:
             wnid = file.name.split("_", 1)[0]
-            if wnid not in wordnet_names():
+            if wnid not in wnids:
                 raise ValueError(f"{file}: the name does not start with an ILSVRC wnid (n01440764_...)")
             folder = out / split / wnid
             folder.mkdir(parents=True, exist_ok=True)
@@ -68,10 +69,17 @@ def main() -> None:
     parser.add_argument("--short-side", type=int, default=375, help="of the rendered images")
     args = parser.parse_args()
     if args.source is not None:
+        if not args.source.is_dir():
+            parser.error(f"--from {args.source}: not a folder")
         files = sorted(p for p in args.source.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
+        if not files:
+            parser.error(f"--from {args.source}: no .JPEG/.jpg files there")
     else:
         files = rendered_files(args.out / "rendered", args.per_class, args.short_side)
-    root = link_layout(files, args.out / "root", args.copies)
+    try:
+        root = link_layout(files, args.out / "root", args.copies)
+    except ValueError as error:
+        parser.error(str(error))
     print(f"{root}: {len(files) * args.copies} train and {len(files)} val images in 1000 class folders")
 
 

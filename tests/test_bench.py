@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import PROJECT_ROOT, SMALL_RUN
+from benchmarks import jpeg_set
+from data.ilsvrc import load_layout
+
+from .conftest import PROJECT_ROOT, SHARED_DATA, SMALL_RUN
 
 MEASUREMENTS = ("data", "synthetic", "trainer", "loop")
 
@@ -58,3 +61,16 @@ def test_suite_measures_all_four_and_writes_json_and_table(tmp_path: Path, cache
     table = (out / "bench.md").read_text()
     assert "| measurement | img/s |" in table and "trainer / plain loop:" in table
     assert all(f"| {name} |" in table for name in MEASUREMENTS)
+
+
+def test_jpeg_set_links_real_samples_into_the_ilsvrc_layout(tmp_path: Path):
+    samples = sorted((SHARED_DATA / "imagenet-samples").glob("*.JPEG"))[:3]
+    if not samples:
+        pytest.skip("../shared/data/imagenet-samples is absent")
+    layout = load_layout(jpeg_set.link_layout(samples, tmp_path / "root", copies=2))
+    assert layout.wnids == [path.name.split("_")[0] for path in samples]
+    assert (len(layout.train), len(layout.val)) == (6, 3)
+    assert sorted(layout.train.labels) == [0, 0, 1, 1, 2, 2]
+    assert all(Path(path).resolve() in samples for path in layout.train.paths)  # links, not copies
+    with pytest.raises(ValueError, match="tench.JPEG: the name does not start with an ILSVRC wnid"):
+        jpeg_set.link_layout([tmp_path / "tench.JPEG"], tmp_path / "bad", copies=1)
