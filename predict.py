@@ -66,9 +66,7 @@ def predictions(cfg: DictConfig) -> Iterator[tuple[Path, list[tuple[float, str, 
     module.eval()
     names = wordnet_names()
     files = image_files(cfg.inputs)
-    workers = cfg.data.num_workers
-    if workers == "auto":
-        workers = affinity.pipeline_threads(affinity.rank_cpus(0, 1))
+    workers = affinity.data_workers(cfg.data.num_workers, affinity.rank_cpus(0, 1))
     loader = DataLoader(
         Images(files, cfg.data.image_size, cfg.data.val_resize_size),
         batch_size=cfg.data.batch_size,

@@ -61,6 +61,11 @@ def pipeline_threads(cpus: list[int]) -> int:
     return max(1, len(cpus) - 1)
 
 
+def data_workers(num_workers: int | str, cpus: list[int]) -> int:
+    """``data.num_workers`` as a count: itself, or with ``auto`` the threads for a rank with these cores."""
+    return pipeline_threads(cpus) if num_workers == "auto" else int(num_workers)
+
+
 def affinity_mask(cpus: list[int], threads: int) -> str:
     """``DALI_AFFINITY_MASK``: one core per DALI thread, the rank's cores in turn."""
     return ",".join(str(cpus[i % len(cpus)]) for i in range(threads))

@@ -110,7 +110,7 @@ class ImageNetDataModule(pl.LightningDataModule):
     @property
     def workers(self) -> int:
         """DataLoader workers or DALI threads per rank: ``num_workers``, or with ``auto`` the rank's cores less one."""
-        return affinity.pipeline_threads(self.rank_cpus) if self.num_workers == "auto" else self.num_workers
+        return affinity.data_workers(self.num_workers, self.rank_cpus)
 
     def _dali_options(self) -> dict:
         """What the DALI loaders take from the machine and the run: threads, cores, prefetch, output dtype."""
