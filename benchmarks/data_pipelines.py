@@ -4,7 +4,7 @@
 
 Every pipeline decodes, random-resized-crops to 224, flips and normalises, with N worker processes or threads;
 one warm-up epoch is excluded, then the median epoch rate is reported. The ceiling is plain decoding of the
-same files (``torchvision.io.decode_jpeg``) in N processes: no pipeline can beat it on the CPU.
+same files, whole (``torchvision.io.decode_jpeg``), in N processes. FOLDER is searched recursively.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    paths = sorted(str(p) for p in args.folder.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
+    paths = sorted(str(p) for p in args.folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg"))
     if not paths:
         raise SystemExit(f"no JPEG files in {args.folder}")
     split = Split(paths, list(range(len(paths))))
@@ -115,7 +115,7 @@ def main() -> None:
         DataLoader(ClassicImageFolder(split), batch_size=b, shuffle=True, num_workers=n, persistent_workers=True), e
     )
     results["torchvision fast path (decode_jpeg + transforms.v2 on uint8)"] = epoch_rates(
-        torchvision_backend.train_loader(split, b, SIZE, (0.08, 1.0), n, 0, 1, 0, pin_memory=False),
+        torchvision_backend.train_loader(split, b, SIZE, (0.08, 1.0), n, 0, 1, 0, False, lambda: 0),
         e,
         finish=lambda x: (x.float() - mean) / std,
     )

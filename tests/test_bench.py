@@ -75,3 +75,22 @@ def test_jpeg_set_links_real_samples_into_the_ilsvrc_layout(tmp_path: Path):
     assert {Path(path).resolve() for path in layout.train.paths} == originals  # links to them, not copies
     with pytest.raises(ValueError, match="tench.JPEG: the name does not start with an ILSVRC wnid"):
         jpeg_set.link_layout([tmp_path / "tench.JPEG"], tmp_path / "bad", copies=1)
+
+
+@pytest.mark.slow
+def test_data_pipelines_benchmark_measures_every_pipeline(small_demo_root: Path, tmp_path: Path):
+    out = tmp_path / "pipelines.json"
+    command = [
+        sys.executable, "benchmarks/data_pipelines.py", str(small_demo_root / "train"), "--threads", "1",
+        "--batch", "8", "--epochs", "2", "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "240 JPEGs" in done.stdout and "1 threads/workers" in done.stdout
+    report = json.loads(out.read_text())
+    expected = ["decode ceiling", "torchvision classic", "torchvision fast path", "DALI CPU"]
+    expected += ["DALI GPU"] if torch.cuda.is_available() else []
+    assert [name.split(" (")[0] for name in report] == expected
+    for name, rates in report.items():
+        assert len(rates["runs"]) == 2 and all(rate > 0 for rate in rates["runs"]), name
+        assert name in done.stdout

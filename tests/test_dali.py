@@ -41,8 +41,19 @@ def test_train_batches_are_normalised_channels_last_rgb(small_demo_root: Path):
     assert len(loader) == 240 // 16
 
 
+def _crop_offset(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[int, int] | None:
+    """The (dy, dx) in {0, 1} by which our crop of the same resized image starts later, if the pixels agree."""
+    for dy, dx in ((0, 0), (1, 0), (0, 1)):
+        h, w = ours.shape[1] - dy, ours.shape[2] - dx
+        if (ours[:, :h, :w] - theirs[:, dy:, dx:]).abs().max() < 0.01:
+            return dy, dx
+    return None
+
+
 @pytest.mark.parametrize("source", ["demo", "imagenet-samples"])
 def test_val_matches_the_torchvision_backend(small_demo_root: Path, source: str):
+    """Same decoder (libjpeg-turbo) and the same resize (torchvision's): the same pixels. DALI rounds the centre
+    crop's offset half up, torchvision half to even, so where the excess is odd the crops are a pixel apart."""
     if source == "demo":
         split = load_layout(small_demo_root).val
     else:
@@ -56,18 +67,13 @@ def test_val_matches_the_torchvision_backend(small_demo_root: Path, source: str)
     std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
     pairs = list(zip(theirs, ours))
     assert len(pairs) == len(theirs) == len(ours)
-    correlations = []
+    offsets = []
     for (reference, reference_labels), (images, labels) in pairs:
         assert torch.equal(labels.long(), torch.as_tensor(reference_labels))
         assert images.shape == reference.shape
-        reference = (reference.float() - mean) / std
-        assert (images - reference).abs().mean() < 0.2  # 12 of 255 grey levels: decoders and resize filters differ
-        correlations += [
-            torch.corrcoef(torch.stack(pair))[0, 1] for pair in zip(images.flatten(1), reference.flatten(1))
-        ]
-    # Same content in the same place: another image of the set correlates at most ~0.55 (measured), the same one
-    # at a median of 0.98 (a pixel of offset in the centre crop costs fine textures the most).
-    assert min(correlations) > 0.8 and torch.stack(correlations).median() > 0.95
+        offsets += [_crop_offset(image, pixels) for image, pixels in zip(images * std + mean, reference.float())]
+    assert None not in offsets
+    assert (0, 0) in offsets and len(offsets) == len(split)
 
 
 def test_two_shards_partition_each_epoch(odd_split: Split):
