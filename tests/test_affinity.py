@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,8 @@ def test_ranks_split_the_cores_near_their_gpus(monkeypatch):
 
 @pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 usable CPU cores")
 def test_dali_threads_run_on_the_rank_cores(small_demo_root: Path, monkeypatch):
-    """Two ranks' worth of cores on this machine: rank 1's DALI pipeline threads are allowed only its core."""
+    """Two ranks' worth of cores on this machine: rank 1's DALI pipeline threads, and the threads that resize for
+    it, are allowed only its core."""
     monkeypatch.setenv("DALI_AFFINITY_MASK", "")
     monkeypatch.delenv("DALI_AFFINITY_MASK")  # and restored as it was after the test
     cpus = affinity.rank_cpus(1, 2)
@@ -64,6 +66,11 @@ def test_dali_threads_run_on_the_rank_cores(small_demo_root: Path, monkeypatch):
     next(iter(loader))
     workers = {name: allowed for name, allowed in _thread_cpus().items() if name not in before and "[DALI][TP" in name}
     assert len(workers) == 2 and set(workers.values()) == {str(cpus[0])}, workers
+    resizers = {str(thread.native_id) for thread in threading.enumerate() if thread.name.startswith("dali-resize")}
+    resizing = {
+        name: allowed for name, allowed in _thread_cpus().items() if name not in before and name.split()[-1] in resizers
+    }
+    assert len(resizing) == 2 and set(resizing.values()) == {str(cpus[0])}, resizing
     assert os.environ["DALI_AFFINITY_MASK"].startswith(f"{cpus[0]},{cpus[0]},")
 
 
