@@ -55,7 +55,7 @@ class ImageFiles(Dataset):
         if seed is None:
             return self.transform(image), self.split.labels[index]
         with torch.random.fork_rng(devices=[]):  # the sample's augmentation depends on (seed, epoch, index) only
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU's: torch.manual_seed also seeds every accelerator
             return self.transform(image), self.split.labels[index]
 
 
