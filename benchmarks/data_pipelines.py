@@ -1,9 +1,10 @@
 """Images/s of the train data pipelines on a folder of JPEGs, against the machine's JPEG-decoding ceiling.
 
-    python benchmarks/data_pipelines.py [FOLDER] [--threads N] [--batch 64] [--epochs 3] [--json out.json]
+    python benchmarks/data_pipelines.py [FOLDER] [--threads N] [--batch 64] [--epochs 2] [--repeats 3] [--json F]
 
-Every pipeline decodes, random-resized-crops to 224, flips and normalises, with N worker processes or threads;
-one warm-up epoch is excluded, then the median epoch rate is reported. The ceiling is plain decoding of the
+Every pipeline decodes, random-resized-crops to 224, flips and normalises, with N worker processes or threads.
+The pipelines take turns (``--repeats``), each turn a warm-up epoch and ``--epochs`` timed ones, so that the
+machine's drift falls on all of them; the median epoch rate is reported. The ceiling is plain decoding of the
 same files, whole (``torchvision.io.decode_jpeg``), in N processes. FOLDER is searched recursively.
 """
 
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -59,30 +61,26 @@ class ClassicImageFolder(Dataset):
             return self.transform(image.convert("RGB")), self.split.labels[index]
 
 
-def _decode(path: str) -> None:
-    decode_image(read_file(path), mode=ImageReadMode.RGB)
-
-
 def _decode_all(paths: list[str]) -> int:
     for path in paths:
-        _decode(path)
+        decode_image(read_file(path), mode=ImageReadMode.RGB)
     return len(paths)
 
 
-def decode_ceiling(split: Split, threads: int, epochs: int) -> list[float]:
-    chunks = [split.paths[i::threads] for i in range(threads)]
+def decode_rates(pool: ProcessPoolExecutor, chunks: list[list[str]], epochs: int) -> list[float]:
+    """Whole-image decoding, one chunk of the files per process: the ceiling."""
     rates = []
-    with ProcessPoolExecutor(threads) as pool:
-        for _ in range(epochs + 1):
-            start = time.perf_counter()
-            count = sum(pool.map(_decode_all, chunks))
-            rates.append(count / (time.perf_counter() - start))
+    for _ in range(epochs + 1):
+        start = time.perf_counter()
+        count = sum(pool.map(_decode_all, chunks))
+        rates.append(count / (time.perf_counter() - start))
     return rates[1:]
 
 
 def epoch_rates(
     loader: Iterable, epochs: int, finish: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
 ) -> list[float]:
+    """Images/s of ``epochs`` epochs after a warm-up one; ``finish`` is what the trainer would still do to a batch."""
     rates = []
     for _ in range(epochs + 1):
         start, count = time.perf_counter(), 0
@@ -95,41 +93,58 @@ def epoch_rates(
     return rates[1:]
 
 
+def pipelines(split: Split, threads: int, batch: int, pool: ProcessPoolExecutor) -> dict[str, Callable[[int], list]]:
+    """Name -> a function measuring that many epochs; loaders and worker processes built once and kept."""
+    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
+    args = (split, batch, SIZE, (0.08, 1.0), threads, 0, 1, 0)
+    measures = {
+        "decode ceiling (decode_jpeg, no augmentation)": partial(
+            decode_rates, pool, [split.paths[i::threads] for i in range(threads)]
+        ),
+        "torchvision classic (ImageFolder + PIL + transforms)": partial(
+            epoch_rates,
+            DataLoader(
+                ClassicImageFolder(split), batch_size=batch, shuffle=True, num_workers=threads, persistent_workers=True
+            ),
+        ),
+        "torchvision fast path (decode_jpeg + transforms.v2 on uint8)": partial(
+            epoch_rates,
+            torchvision_backend.train_loader(*args, False, lambda: 0),
+            finish=lambda x: (x.float() - mean) / std,
+        ),
+        "DALI CPU": partial(epoch_rates, dali.train_loader(*args, "cpu", 0)),
+    }
+    if torch.cuda.is_available():
+        measures["DALI GPU (mixed)"] = partial(epoch_rates, dali.train_loader(*args, "mixed", 0))
+    return measures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, nargs="?", default=PROJECT_ROOT.parent / "shared/data/imagenet-samples")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per turn, after a warm-up one")
+    parser.add_argument("--repeats", type=int, default=3, help="turns; the pipelines take them in turn")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     paths = sorted(str(p) for p in args.folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg"))
     if not paths:
         raise SystemExit(f"no JPEG files in {args.folder}")
     split = Split(paths, list(range(len(paths))))
-    n, b, e = args.threads, args.batch, args.epochs
-    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
-    results = {"decode ceiling (decode_jpeg, no augmentation)": decode_ceiling(split, n, e)}
-    results["torchvision classic (ImageFolder + PIL + transforms)"] = epoch_rates(
-        DataLoader(ClassicImageFolder(split), batch_size=b, shuffle=True, num_workers=n, persistent_workers=True), e
-    )
-    results["torchvision fast path (decode_jpeg + transforms.v2 on uint8)"] = epoch_rates(
-        torchvision_backend.train_loader(split, b, SIZE, (0.08, 1.0), n, 0, 1, 0, False, lambda: 0),
-        e,
-        finish=lambda x: (x.float() - mean) / std,
-    )
-    results["DALI CPU"] = epoch_rates(dali.train_loader(split, b, SIZE, (0.08, 1.0), n, 0, 1, 0, "cpu", 0), e)
-    if torch.cuda.is_available():
-        results["DALI GPU (mixed)"] = epoch_rates(
-            dali.train_loader(split, b, SIZE, (0.08, 1.0), n, 0, 1, 0, "mixed", 0), e
-        )
+    with ProcessPoolExecutor(args.threads) as pool:
+        measures = pipelines(split, args.threads, args.batch, pool)
+        results = {name: [] for name in measures}
+        for _ in range(args.repeats):  # in turn, so the machine's drift falls on every pipeline alike
+            for name, measure in measures.items():
+                results[name] += measure(args.epochs)
     ceiling = statistics.median(results["decode ceiling (decode_jpeg, no augmentation)"])
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(
-        f"\n{len(paths)} JPEGs from {args.folder}; {n} threads/workers on {os.cpu_count()} CPU cores; {gpu}; "
-        f"batch {b}; median of {e} epochs after 1 warm-up; torch {torch.__version__}, torchvision "
-        f"{torchvision.__version__}, DALI {nvidia.dali.__version__}"
+        f"\n{len(paths)} JPEGs from {args.folder}; {args.threads} threads/workers on {os.cpu_count()} CPU cores; "
+        f"{gpu}; batch {args.batch}; median of {args.repeats} turns x {args.epochs} epochs, each turn after a warm-up "
+        f"epoch; torch {torch.__version__}, torchvision {torchvision.__version__}, DALI {nvidia.dali.__version__}"
     )
     print(f"{'pipeline':<64}{'img/s':>8}{'of ceiling':>12}")
     for name, rates in results.items():

@@ -82,7 +82,7 @@ def test_data_pipelines_benchmark_measures_every_pipeline(small_demo_root: Path,
     out = tmp_path / "pipelines.json"
     command = [
         sys.executable, "benchmarks/data_pipelines.py", str(small_demo_root / "train"), "--threads", "1",
-        "--batch", "8", "--epochs", "2", "--json", str(out),
+        "--batch", "8", "--epochs", "1", "--repeats", "2", "--json", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
