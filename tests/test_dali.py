@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 
 from data import dali, torchvision_backend
 from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, Split, load_layout
@@ -235,3 +237,16 @@ def test_val_metrics_over_two_ranks_equal_one_rank(tmp_path: Path, backend: str)
     for rank in results[2]:
         assert rank["metrics"] == pytest.approx(one["metrics"], abs=1e-6)
         assert rank["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("decoder", "precision", "dtype"),
+    [("cpu", "bf16-mixed", "float32"), ("mixed", "bf16-mixed", "float16"), ("mixed", "32-true", "float32")],
+)
+def test_auto_output_dtype_is_half_for_gpu_decoding_in_16_bit_runs(make_cfg, decoder, precision, dtype):
+    """float16 halves what a GPU pipeline writes; on the CPU the conversion costs more than the bytes it saves."""
+    cfg = make_cfg("data=imagenet_dali", "data.root=/datasets/ILSVRC2012", f"data.dali_device={decoder}")
+    datamodule = instantiate(cfg.data)
+    datamodule.trainer = pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False)
+    datamodule.rank_cpus = [0]  # the GPU's cores need a GPU; not what this test is about
+    assert datamodule._dali_options()["output_dtype"] == dtype

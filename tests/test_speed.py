@@ -118,10 +118,11 @@ class FastPathProbe(pl.Callback):
 def test_gpu_preset_switches_reach_the_model(make_cfg, small_demo_root, monkeypatch):
     """experiment=resnet50_fast on the CPU (bf16 autocast runs there): DALI's NHWC output is what the first
     convolution gets, without a copy, with channels_last weights, under bf16 autocast; the optimizer is fused;
-    cudnn picks its fastest kernels (benchmark)."""
+    cudnn picks its fastest kernels (benchmark). The float16 batches that ``auto`` gives a GPU decoder, asked for."""
     cfg = make_cfg(
         "experiment=resnet50_fast",
         "trainer.accelerator=cpu",  # the rest of trainer=gpu as it is: bf16-mixed, cudnn benchmark
+        "data.dali_output_dtype=float16",
         f"data.root={small_demo_root}",
         "data.image_size=32",
         "data.val_resize_size=36",
@@ -141,7 +142,7 @@ def test_gpu_preset_switches_reach_the_model(make_cfg, small_demo_root, monkeypa
     training_inputs = probe.conv_inputs[: len(probe.batches)]
     assert len(probe.batches) == 3 and len(training_inputs) == 3
     for (batch_ptr, batch_dtype), seen in zip(probe.batches, training_inputs):
-        assert batch_dtype == torch.float16  # data.dali_output_dtype=auto in a 16-bit run: half the bytes
+        assert batch_dtype == torch.float16
         assert seen["data_ptr"] == batch_ptr, "the batch was copied on its way to the first convolution"
         assert seen["channels_last"] and seen["weight_channels_last"]
         assert seen["autocast"] and seen["autocast_dtype"] == torch.bfloat16
