@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check: the gpu-marked tests, then the benchmark suite (benchmarks/suite.py: data alone, synthetic
 # compute ceiling, trainer end to end, plain loop) for ResNet-50, ResNet-18, VGG-16 and AlexNet with bf16,
-# channels_last, fused SGD and DALI decoding on the GPU, on ImageNet-sized JPEGs. Sized for 8 minutes on an H200.
+# channels_last, fused SGD and DALI decoding on the GPU, on ImageNet-sized JPEGs, and the data pipelines against the
+# machine's decode ceiling (benchmarks/data_pipelines.py). Sized for 8 minutes on an H200.
 #
 #   bash scripts/gpu_check.sh OUT_DIR          # on a GPU machine
 #   bash scripts/gpu_check.sh OUT_DIR --dry    # the same steps on the CPU at toy sizes (the tests run this)
 #
-# Writes OUT_DIR/pytest-gpu.log, OUT_DIR/<measurement>/bench.{json,md} and OUT_DIR/summary.md.
+# Writes OUT_DIR/pytest-gpu.log, OUT_DIR/<measurement>/bench.{json,md}, OUT_DIR/data-pipelines.{json,txt} and
+# OUT_DIR/summary.md.
 # JPEGs: the 1000 ILSVRC samples of $SAMPLES (default ../shared/data/imagenet-samples) where they exist, else
 # rendered ones at ImageNet's size (benchmarks/jpeg_set.py). Where DALI or Hydra cannot be imported (the lent GPU
 # machine), the wheels staged in $STAGE (default /tmp/stage; see ../shared/device/README.md) go to /tmp/site.
@@ -36,12 +38,14 @@ if [[ $mode == --dry ]]; then  # every step, at sizes a 2-core CPU runs in a min
   device=(trainer.accelerator=cpu trainer.precision=32-true data.image_size=64 data.val_resize_size=73)
   batches=(resnet50=4 resnet18=8 vgg16=2 alexnet=8)
   jpegs=(--per-class 1 --copies 1 --short-side 80)
+  pipelines=(--threads 1 --batch 8 --epochs 1 --repeats 1)
   limit=600
 else
   steps=(--warmup 10 --windows 5 --window-steps 10)
   device=()
   batches=(resnet50=256 resnet18=256 vgg16=128 alexnet=512)
   jpegs=(--copies 12)
+  pipelines=(--epochs 2 --repeats 3)
   limit=150  # seconds per benchmark: a stuck one costs this much of the budget, not all of it
 fi
 samples=${SAMPLES:-$root/../shared/data/imagenet-samples}
@@ -54,6 +58,13 @@ $python -m pytest -m gpu -p no:cacheprovider -q -rs tests 2>&1 | tee "$out/pytes
 
 echo "== JPEGs: $($python -m benchmarks.jpeg_set "$work/jpegs" "${jpegs[@]}")"
 common=(data.root="$work/jpegs/root" data.index=none paths.cache_dir="$work/cache" "${device[@]}")
+
+echo "== data pipelines against the machine's decode ceiling"  # the val folder: each JPEG once
+if ! timeout "$limit" $python benchmarks/data_pipelines.py "$work/jpegs/root/val" "${pipelines[@]}" \
+  --json "$out/data-pipelines.json" 2>"$out/data-pipelines.log" | tee "$out/data-pipelines.txt" | tail -7; then
+  echo "!! data-pipelines failed or ran past ${limit}s: see $out/data-pipelines.log"
+  failed+=("data-pipelines")
+fi
 
 bench() {  # bench NAME [suite options and overrides...]
   local name=$1; shift
@@ -83,6 +94,7 @@ fi
   echo
   tail -1 "$out/pytest-gpu.log"
   echo "failed benchmarks: ${failed[*]:-none}"
+  printf '\n## data pipelines\n\n```\n%s\n```\n' "$(tail -7 "$out/data-pipelines.txt")"
   for report in "$out"/*/bench.md; do
     printf '\n## %s\n\n' "$(basename "$(dirname "$report")")"
     cat "$report"
