@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -20,17 +21,27 @@ MASK = "***"
 
 def run_config(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     """The resolved config plus ``run``: the command-line overrides, the code's git commit and dirty state, the
-    library versions and the world size. Keys that look like secrets, and the values of secret-looking environment
-    variables (WANDB_API_KEY, tokens) wherever they appear, are masked."""
+    library versions and the world size. Keys that look like secrets (in the config and in the overrides), and the
+    values of secret-looking environment variables (WANDB_API_KEY, tokens) wherever they appear, are masked."""
     config = OmegaConf.to_container(cfg, resolve=True)
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     config["run"] = {
-        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "overrides": masked_command_line(overrides),
         "git": _git_state(Path(__file__).resolve().parents[1]),
         "versions": {"python": sys.version.split()[0], **{name: _version(name) for name in PACKAGES}},
         "world_size": world_size,
     }
-    secrets = [value for name, value in os.environ.items() if SECRET_NAME.search(name) and len(value) >= 8]
-    return _masked(config, secrets)
+    return _masked(config, _secret_values())
+
+
+def masked_command_line(args: Sequence[str]) -> list[str]:
+    """Command-line arguments with the values of secret-looking keys (``+storage.api_key=VALUE``) and of secret
+    environment variables masked: what loggers may record of a command line."""
+    return _masked([_masked_override(arg) for arg in args], _secret_values())
+
+
+def _secret_values() -> list[str]:
+    return [value for name, value in os.environ.items() if SECRET_NAME.search(name) and len(value) >= 8]
 
 
 def _masked(value: Any, secrets: list[str]) -> Any:
@@ -42,6 +53,11 @@ def _masked(value: Any, secrets: list[str]) -> Any:
         for secret in secrets:
             value = value.replace(secret, MASK)
     return value
+
+
+def _masked_override(override: str) -> str:
+    key, assigns, _ = override.partition("=")
+    return f"{key}={MASK}" if assigns and SECRET_NAME.search(key) else override
 
 
 def _git_state(root: Path) -> dict[str, Any]:

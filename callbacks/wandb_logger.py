@@ -9,7 +9,9 @@ import netrc
 import os
 import re
 import socket
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,6 +19,8 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from pytorch_lightning.loggers import WandbLogger
+
+from callbacks.run_metadata import masked_command_line
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "online", "offline", "disabled")
@@ -44,7 +48,7 @@ def wandb_logger(
         group = group or sweep
         name = name or f"{sweep}/{folder.name}"
     folder.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
+    logger = WandbLogger(
         project=project,
         entity=entity,
         name=name or folder.name,
@@ -56,6 +60,20 @@ def wandb_logger(
         offline=mode == "offline",
         mode="disabled" if mode == "disabled" else None,
     )
+    with _command_line_masked():  # W&B records sys.argv when its run starts (rank zero; other ranks get a dummy)
+        _ = logger.experiment
+    return logger
+
+
+@contextmanager
+def _command_line_masked() -> Iterator[None]:
+    """``sys.argv`` with secrets masked, for a while: Lightning's DDP launcher re-runs the real one for each rank."""
+    argv = list(sys.argv)
+    sys.argv[1:] = masked_command_line(argv[1:])
+    try:
+        yield
+    finally:
+        sys.argv[:] = argv
 
 
 def run_id(folder: Path) -> str:

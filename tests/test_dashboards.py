@@ -19,6 +19,10 @@ from report import report
 from tests.conftest import PROJECT_ROOT, SMALL_RUN
 
 DUMMY_KEY = "dummy0wandb0key0" + "5" * 24  # 40 characters, like a real W&B key
+TYPED_SECRET = "typed0secret0" + "7" * 20  # a secret typed on the command line under a secret-looking key
+# Where secrets reach the config: an environment variable read by an interpolation (its key looks harmless, its
+# value is the W&B key) and a value typed under a secret-looking key.
+SECRET_OVERRIDES = ["+storage.endpoint_note=${oc.env:WANDB_API_KEY}", f"+storage.api_token={TYPED_SECRET}"]
 WANDB_DIRS = ("DATA", "CACHE", "CONFIG", "ARTIFACT")  # W&B's own folders (artifact staging): in the test's folder
 PERF_KEYS = {"perf/images_per_s", "perf/images_per_s_per_device", "perf/data_wait_fraction", "perf/step_time_s"}
 
@@ -64,6 +68,7 @@ def logged_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
             "logger=[csv,wandb,tensorboard]",
             "logger.wandb.mode=offline",
             "callbacks.wandb_checkpoints.enabled=true",
+            *SECRET_OVERRIDES,
         ],
         cwd=PROJECT_ROOT,
         env={**env, "WANDB_API_KEY": DUMMY_KEY, **{f"WANDB_{d}_DIR": str(folder / "wandb-home") for d in WANDB_DIRS}},
@@ -90,6 +95,8 @@ def test_offline_wandb_run_holds_the_config_and_the_csv_metrics(logged_run):
     assert config["run"]["world_size"] == 1 and config["run"]["versions"]["torch"] == "2.14.1"
     assert set(config["run"]["git"]) == {"commit", "dirty"}
     assert config["optimizer"]["lr"] == 0.05 and config["model"]["net"]["arch"] == "resnet18"
+    assert config["storage"] == {"endpoint_note": "***", "api_token": "***"}  # masked by value, and by key
+    assert "+storage.api_token=***" in config["run"]["overrides"]
 
     artifacts = [record["artifact"] for record in records if record["type"] == "artifact"]
     assert sorted(alias for artifact in artifacts for alias in artifact["aliases"] if alias != "latest") == [
@@ -134,14 +141,24 @@ def test_throughput_and_data_wait_are_logged(logged_run):
 
 @pytest.mark.slow
 def test_no_secret_in_any_file_of_the_run(logged_run):
+    """Neither the W&B key (in the environment, and through an interpolation in the config) nor a secret typed on
+    the command line reaches a log, a logger's file or a checkpoint. Hydra's own record of the command line
+    (.hydra/overrides.yaml, config.yaml) keeps what was typed: secrets belong in the environment."""
     run, output = logged_run
-    assert DUMMY_KEY not in output
+    assert DUMMY_KEY not in output and TYPED_SECRET not in output
     files = [path for path in run.parent.rglob("*") if path.is_file()]  # the run folder and W&B's own folders
     names = {path.name for path in files}
-    assert {"train.log", "config.yaml", "metrics.csv", "hparams.yaml", "debug-internal.log", "last.ckpt"} <= names
+    assert {"train.log", "metrics.csv", "hparams.yaml", "debug-internal.log", "last.ckpt"} <= names
     assert any(name.endswith(".wandb") for name in names) and any(name.startswith("events.out") for name in names)
-    leaking = [str(path) for path in files if DUMMY_KEY.encode() in path.read_bytes()]
+    assert "endpoint_note: '***'" in (run / "csv" / "version_0" / "hparams.yaml").read_text()
+    leaking = [
+        str(path)
+        for path in files
+        if any(secret.encode() in path.read_bytes() for secret in (DUMMY_KEY, TYPED_SECRET))
+        and path.parent.name != ".hydra"
+    ]
     assert not leaking
+    assert TYPED_SECRET in (run / ".hydra" / "overrides.yaml").read_text()  # the exemption is Hydra's record only
 
 
 @pytest.mark.slow
