@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 
 from models.export import UnsafeCheckpointError, export, load_weights_only
 from models.zoo import build_net
-from tests.conftest import PROJECT_ROOT, SMALL_RUN, run_train
+from tests.conftest import PROJECT_ROOT, SMALL_RUN
 from train import train
 
 
@@ -59,16 +59,43 @@ def test_export_command(checkpoint, tmp_path):
     assert set(torch.load(out, weights_only=True)) == set(build_net("resnet18", 4).state_dict())
 
 
-def test_crafted_checkpoint_is_refused_without_running(tmp_path: Path, cache_dir: Path):
-    marker = tmp_path / "code-ran"
-    crafted = tmp_path / "crafted.ckpt"
+@pytest.fixture
+def crafted(tmp_path: Path) -> tuple[Path, Path]:
+    """A checkpoint that runs code when fully unpickled, and the marker file that code would create."""
+    marker, crafted = tmp_path / "code-ran", tmp_path / "crafted.ckpt"
     torch.save({"state_dict": {}, "payload": RunsCode(marker)}, crafted)
+    return crafted, marker
+
+
+def test_crafted_checkpoint_is_refused_without_running(crafted: tuple[Path, Path]):
+    path, marker = crafted
     with pytest.raises(UnsafeCheckpointError, match="refusing .*crafted.ckpt"):
-        load_weights_only(crafted)
+        load_weights_only(path)
     with pytest.raises(UnsafeCheckpointError):
-        build_net("resnet18", 4, weights=str(crafted))
-    resumed = run_train(*SMALL_RUN, f"ckpt_path={crafted}", cache_dir=cache_dir, run_dir=tmp_path / "run")
-    assert resumed.returncode != 0 and "Weights only load failed" in resumed.stderr
+        build_net("resnet18", 4, weights=str(path))
+    with pytest.raises(UnsafeCheckpointError):
+        export(path, path.with_name("out.pth"))
     assert not marker.exists()
-    torch.load(crafted, weights_only=False)  # the file does run code when fully unpickled
+    torch.load(path, weights_only=False)  # the file does run code when fully unpickled: the test can fail
     assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "arguments", "message"),
+    [
+        ("train.py", ["ckpt_path={ckpt}"], "Weights only load failed"),  # resuming
+        ("train.py", ["model.net.weights={ckpt}"], "refusing"),  # starting from weights
+        ("eval.py", ["ckpt={ckpt}"], "refusing"),
+        ("predict.py", ["ckpt={ckpt}", "inputs=[{images}]"], "refusing"),
+    ],
+    ids=["train-resume", "train-weights", "eval", "predict"],
+)
+def test_every_entry_point_refuses_a_crafted_checkpoint(
+    crafted, small_demo_root: Path, tmp_path: Path, cache_dir: Path, entry: str, arguments: list[str], message: str
+):
+    path, marker = crafted
+    filled = [a.format(ckpt=path, images=small_demo_root / "val") for a in arguments]
+    command = [sys.executable, entry, *SMALL_RUN, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run([*command, *filled], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
+    assert not marker.exists()
