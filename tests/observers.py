@@ -46,6 +46,7 @@ class BatchCounter(pl.Callback):
         self.train_batches_per_epoch: list[int] = []
         self.train_samples_per_epoch: list[int] = []
         self.val_batches_per_run: list[int] = []
+        self.val_samples_per_run: list[int] = []
         BatchCounter.last = self
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -58,9 +59,11 @@ class BatchCounter(pl.Callback):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.val_batches_per_run.append(0)
+        self.val_samples_per_run.append(0)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.val_batches_per_run[-1] += 1
+        self.val_samples_per_run[-1] += len(batch[1])
 
 
 class SampleRecorder(pl.Callback):

@@ -40,6 +40,7 @@ def _jpeg_bytes(**options) -> bytes:
 
 
 def _write_specimens(folder: Path) -> None:
+    """The broken files and the valid oddities, in one train class folder."""
     whole = _jpeg_bytes()
     (folder / "empty.JPEG").write_bytes(b"")
     (folder / "truncated.JPEG").write_bytes(whole[: len(whole) // 2])
@@ -52,11 +53,18 @@ def _write_specimens(folder: Path) -> None:
     (folder / "notes.txt").write_text("a stray file")
 
 
+BROKEN_VAL = {"empty": "empty file", "truncated": "truncated JPEG (no end marker)"}
+
+
 @pytest.fixture
 def seeded_root(tmp_path: Path, small_demo_root: Path) -> Path:
+    """The small demo with the specimens in train/, and two of its val images broken (they keep their labels)."""
     root = tmp_path / "imagenet"
     shutil.copytree(small_demo_root, root)
     _write_specimens(next((root / "train").iterdir()))
+    empty, truncated = sorted((root / "val").iterdir())[:2]
+    empty.write_bytes(b"")
+    truncated.write_bytes(truncated.read_bytes()[:-500])
     return root
 
 
@@ -65,10 +73,26 @@ def test_index_excludes_exactly_the_broken_files(seeded_root: Path, tmp_path: Pa
     layout = indexed_layout(load_layout(seeded_root), mode, tmp_path / "cache", workers=2)
     names = {Path(p).name for p in layout.train.paths}
     assert set(ODDITIES) <= names and not set(BROKEN) & names
-    assert len(layout.train) == 240 + len(ODDITIES) and len(layout.val) == 60
+    assert len(layout.train) == 240 + len(ODDITIES) and len(layout.val) == 60 - len(BROKEN_VAL)
     for name, reason in BROKEN.items():
         assert f"{name}: {reason}" in caplog.text
-    assert "Excluded 4 of 308 files" in caplog.text
+    for image, reason in zip(sorted((seeded_root / "val").iterdir())[:2], BROKEN_VAL.values()):
+        assert str(image) not in layout.val.paths and f"{image}: {reason}" in caplog.text
+    assert "Excluded 6 of 308 files" in caplog.text
+
+
+def test_full_mode_decodes_what_fast_mode_only_parses(seeded_root: Path, tmp_path: Path, caplog):
+    """A JPEG with a corrupt Huffman table: its header parses and its end marker is there (fast keeps it), but no
+    decoder reads it (full leaves it out, with the decoder's reason)."""
+    whole = _jpeg_bytes()
+    table = whole.index(b"\xff\xc4") + 4  # the first Huffman table's definition
+    corrupt = next((seeded_root / "train").iterdir()) / "bad_huffman.JPEG"
+    corrupt.write_bytes(whole[:table] + b"\xff" * 20 + whole[table + 20 :])
+    fast = indexed_layout(load_layout(seeded_root), "fast", tmp_path / "cache", workers=2)
+    full = indexed_layout(load_layout(seeded_root), "full", tmp_path / "cache", workers=2)
+    assert str(corrupt) in fast.train.paths and str(corrupt) not in full.train.paths
+    assert len(full.train) == len(fast.train) - 1
+    assert f"{corrupt}: cannot be decoded" in caplog.text and "Bogus Huffman table definition" in caplog.text
 
 
 def test_index_cache_rechecks_only_changed_files(seeded_root: Path, tmp_path: Path):
@@ -79,7 +103,7 @@ def test_index_cache_rechecks_only_changed_files(seeded_root: Path, tmp_path: Pa
     victim = layout.train.paths[-1]
     Path(victim).write_bytes(b"")  # broken after it was indexed: size and mtime change
     again = indexed_layout(layout, "fast", tmp_path / "cache", workers=2)
-    assert victim not in again.train.paths and len(again.train) == len(layout.train) - 5
+    assert victim not in again.train.paths and len(again.train) == len(layout.train) - len(BROKEN) - 1
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
@@ -103,8 +127,15 @@ def test_oddities_decode_to_rgb(seeded_root: Path, backend: str):
 
 
 def test_training_runs_over_the_indexed_files(make_cfg, seeded_root: Path):
-    metrics = train(make_cfg(*SMALL_RUN, f"data.root={seeded_root}", "data.backend=dali", "trainer.max_epochs=1"))
-    assert "val/acc1" in metrics
+    """DALI, which stops at any unreadable file, trains on every good file (the oddities too) and validates on
+    every good val image, exactly."""
+    from tests.observers import BatchCounter
+
+    overrides = ["data.backend=dali", "data.batch_size=4", "trainer.max_epochs=1", "+trainer.num_sanity_val_steps=0"]
+    counter = ["+callbacks.counter._target_=tests.observers.BatchCounter"]
+    train(make_cfg(*SMALL_RUN, f"data.root={seeded_root}", *overrides, *counter))
+    assert BatchCounter.last.train_samples_per_epoch == [240 + len(ODDITIES)]
+    assert BatchCounter.last.val_samples_per_run == [60 - len(BROKEN_VAL)]
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
@@ -112,5 +143,6 @@ def test_a_file_broken_after_indexing_stops_the_run_naming_it(make_cfg, seeded_r
     cfg = make_cfg(
         *SMALL_RUN, f"data.root={seeded_root}", f"data.backend={backend}", "data.index=none", "trainer.max_epochs=1"
     )
-    with pytest.raises(Exception, match=r"train/n\d{8}/(empty|truncated|random_bytes|text)\.JPEG"):
+    broken = r"(train/n\d{8}/(empty|truncated|random_bytes|text)|val/ILSVRC2012_val_0000000[12])\.JPEG"
+    with pytest.raises(Exception, match=broken):
         train(cfg)
