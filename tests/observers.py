@@ -67,18 +67,27 @@ class BatchCounter(pl.Callback):
 
 
 class SampleRecorder(pl.Callback):
-    """Each rank writes, per trained batch, its labels and a fingerprint of every image (content and augmentation)."""
+    """Each rank writes, per trained batch, its labels and a fingerprint of every image (content and augmentation),
+    to ``rank<R>.json``; and the same of its validation batches to ``rank<R>-val.json``."""
 
     def __init__(self, folder: str) -> None:
-        self.folder, self.batches = Path(folder), []
+        self.folder, self.batches, self.val_batches = Path(folder), [], []
+
+    @staticmethod
+    def _fingerprints(batch) -> list:
+        images, labels = batch
+        return [labels.tolist(), [round(float(x), 2) for x in images.double().sum(dim=(1, 2, 3))]]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        images, labels = batch
-        self.batches.append([labels.tolist(), [round(float(x), 2) for x in images.double().sum(dim=(1, 2, 3))]])
+        self.batches.append(self._fingerprints(batch))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.val_batches.append(self._fingerprints(batch))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.batches))
+        (self.folder / f"rank{trainer.global_rank}-val.json").write_text(json.dumps(self.val_batches))
 
 
 class InterruptAtStep(pl.Callback):

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,7 @@ from data import dali, torchvision_backend
 from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, Split, load_layout
 from train import train
 
-from .conftest import SHARED_DATA, SMALL_RUN, run_train
+from .conftest import PROJECT_ROOT, SHARED_DATA, SMALL_RUN, run_train
 
 
 def _identified(paths: list[str]) -> Split:
@@ -200,6 +205,53 @@ def test_mid_epoch_resume_replays_the_exact_samples_on_two_ranks(tmp_path: Path,
         assert head + tail == reference
     ranks = _recorded(tmp_path / "straight")
     assert not set(ranks[0][0][1]) & set(ranks[1][0][1])  # the ranks read different samples
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_shard_by_global_rank(tmp_path: Path, cache_dir: Path, small_demo_root: Path):
+    """Two nodes of one CPU process each (trainer.num_nodes=2, NODE_RANK set per node, as a cluster launcher
+    does), so local rank 0 twice and global ranks 0 and 1: the two shard the train and val sets between them."""
+    recorded = tmp_path / "samples"
+    run = [
+        *SMALL_RUN,
+        "data.backend=dali",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "+trainer.num_nodes=2",
+        "trainer.max_epochs=1",
+        "+trainer.num_sanity_val_steps=0",
+        "+callbacks.recorder._target_=tests.observers.SampleRecorder",
+        f"+callbacks.recorder.folder={recorded}",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOCAL_RANK", "RANK", "WORLD_SIZE"))}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "train.py", *run, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}"],
+            cwd=PROJECT_ROOT,
+            env={**env, "NODE_RANK": str(node)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=600)
+        assert node.returncode == 0, stderr[-3000:]
+    for suffix, images in (("", 240), ("-val", 60)):  # train: 6 full batches of 20 per rank, val: 30 per rank
+        ranks = [json.loads((recorded / f"rank{rank}{suffix}.json").read_text()) for rank in (0, 1)]
+        fingerprints = [{(label, x) for labels, sums in batches for label, x in zip(labels, sums)} for batches in ranks]
+        assert len(fingerprints[0]) == len(fingerprints[1]) == images // 2 and not fingerprints[0] & fingerprints[1]
+        labels = Counter(label for batches in ranks for labels, _ in batches for label in labels)
+        assert labels == {label: images // 4 for label in range(4)}  # every image once: the ranks partition the set
 
 
 def test_half_precision_output(small_demo_root: Path):
