@@ -30,11 +30,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(staging, path)
-        except BaseException:
+        except BaseException as error:
             os.unlink(staging)
-            raise
+            io_error = _os_error_in(error)  # torch.save reports a failed write as a RuntimeError from its zip writer
+            if io_error is None:
+                raise
+            kept = "the previous one is intact" if path.exists() else "none was written"  # a full disk, a quota
+            raise OSError(io_error.errno, f"cannot write checkpoint {path} ({io_error.strerror}); {kept}") from error
         directory = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)  # the rename itself survives a crash
         finally:
             os.close(directory)
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
