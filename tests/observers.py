@@ -131,3 +131,12 @@ class StepLog(pl.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / f"rank{trainer.global_rank}.log", "a") as log:
             log.write(f"{trainer.global_step + 1} {os.environ.get('SLURM_RESTART_COUNT', '0')}\n")
+
+
+class LossScaleAtStart(pl.Callback):
+    """Keeps the 16-mixed loss scaler's scale as training starts, after a checkpoint was restored."""
+
+    last: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        LossScaleAtStart.last = float(trainer.precision_plugin.scaler.get_scale())

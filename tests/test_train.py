@@ -102,11 +102,20 @@ def test_ddp_two_cpu_processes_agree(tmp_path: Path):
 
 @pytest.mark.gpu
 def test_fp16_mixed_resumes_its_loss_scaler(make_cfg, tmp_path: Path):
+    """The GradScaler's scale travels in the checkpoint and is restored: a resumed run starts with the saved scale
+    (set to 2^10 in the file, unlike a fresh scaler's 2^16). Unverified until a GPU is lent: it skips on CPUs."""
+    from tests.observers import LossScaleAtStart
+
     run = [*SMALL_RUN, "trainer=gpu", "trainer.precision=16-mixed", "trainer.max_epochs=1"]
     train(make_cfg(*run))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     state = _final_state(tmp_path / "run")
-    assert state["MixedPrecision"]["scale"] > 0  # the GradScaler's state travels in the checkpoint
-    train(make_cfg(*run, "trainer.max_epochs=2", "ckpt_path=last"))
+    assert state["MixedPrecision"]["scale"] > 0
+    state["MixedPrecision"]["scale"] = 2.0**10
+    torch.save(state, last)
+    observe = ["+callbacks.scale._target_=tests.observers.LossScaleAtStart"]
+    train(make_cfg(*run, *observe, "trainer.max_epochs=2", "ckpt_path=last"))
+    assert LossScaleAtStart.last == 2.0**10
     assert _final_state(tmp_path / "run")["global_step"] == 2 * state["global_step"]
 
 
