@@ -103,10 +103,11 @@ def test_offline_wandb_run_holds_the_config_and_the_csv_metrics(logged_run):
         "best",
         "last",
     ]
-    for artifact in artifacts:  # the checkpoint files, with the val metrics
+    final = json.loads((run / "metrics.json").read_text())
+    for artifact in artifacts:  # the checkpoint files, with the run's final val metrics
         metadata = json.loads(artifact["metadata"])
         assert [entry["path"] for entry in artifact["manifest"]["contents"]] == [metadata["file"]]
-        assert set(metadata["final_val"]) == {"val/loss", "val/acc1", "val/acc5"}
+        assert metadata["final_val"] == pytest.approx(final) and set(final) == {"val/loss", "val/acc1", "val/acc5"}
 
     history = [record["history"]["item"] for record in records if record["type"] == "history"]
     keys = set().union(*history)
@@ -131,8 +132,9 @@ def test_throughput_and_data_wait_are_logged(logged_run):
     rows = csv_rows(run)
     perf = [row for row in rows if "perf/images_per_s" in row]
     assert len(perf) == 8  # every 3 of the 12 steps of each of the 2 epochs
-    for row in perf:
-        assert row["perf/images_per_s"] > 0 and row["perf/step_time_s"] > 0
+    for row in perf:  # a window's images over its time, and that time over its steps: 20 images per step
+        assert row["perf/images_per_s"] * row["perf/step_time_s"] == pytest.approx(20)
+        assert row["perf/images_per_s_per_device"] == row["perf/images_per_s"]  # one device
         assert 0 <= row["perf/data_wait_fraction"] <= 1
     assert "of it waiting for data: " in output and ("compute-bound" in output or "data-bound" in output)
     assert "epoch 1 step 12/12 (100%)" in output and "img/s=" in output and "eta 0:00:00" in output

@@ -115,6 +115,14 @@ def template_job(env: dict[str, str], tmp_path: Path, template: str, *overrides:
     )
 
 
+def last_val_row(run: Path) -> dict[str, float]:
+    """The last validation figures of a run's CSV logs (a resumed run's are in the newest version)."""
+    newest = max((run / "csv").glob("version_*"), key=lambda folder: int(folder.name.split("_")[1]))
+    with open(newest / "metrics.csv", newline="") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("val/acc1")]
+    return {key: float(rows[-1][key]) for key in ("val/loss", "val/acc1", "val/acc5")}
+
+
 def steps_of(checkpoint: Path) -> tuple[int, int]:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     return state["global_step"], state["epoch"]
@@ -134,7 +142,7 @@ def test_sbatch_template_trains_with_ddp_over_two_tasks(cluster, tmp_path: Path,
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and len(checkpoints) == 3  # last + the 2 epochs (top-3)
     assert steps_of(run / "checkpoints" / "last.ckpt") == (2 * STEPS_PER_EPOCH, 1)  # (global step, last epoch)
-    assert set(json.loads((run / "metrics.json").read_text())) == {"val/loss", "val/acc1", "val/acc5"}
+    assert json.loads((run / "metrics.json").read_text()) == pytest.approx(last_val_row(run))
 
 
 @pytest.mark.slurm
@@ -237,7 +245,10 @@ def run_sweep(
         summary = list(csv.DictReader(file))
     assert tuple(summary[0]) == COLUMNS
     assert [row["overrides"].split()[-1] for row in summary] == ["optimizer.lr=0.1", "optimizer.lr=0.2"]
-    assert all(0 <= float(row["val/acc1"]) <= float(row["val/acc5"]) <= 1 for row in summary)
+    for job, row in zip(("0", "1"), summary):  # each job's own final figures, as its CSV log has them
+        logged = last_val_row(sweep / job)
+        for key in ("val/acc1", "val/acc5"):
+            assert float(row[key]) == pytest.approx(logged[key]), (job, key)
     assert "optimizer.lr=0.2" in (tmp_path / "sweep.out").read_text()  # the table printed at the end
     runs = {job: [r["run"] for r in wandb_records(sweep / job)[-1] if r["type"] == "run"][0] for job in ("0", "1")}
     assert runs["0"]["run_group"] == runs["1"]["run_group"] == "sweep"  # one W&B group per sweep: its folder's name

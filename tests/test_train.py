@@ -32,8 +32,10 @@ def _epoch_rows(run_dir: Path, version: int = 0) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_short_training_learns(make_cfg, tmp_path: Path):
-    metrics = train(make_cfg(*LEARN))
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_short_training_learns(make_cfg, tmp_path: Path, backend: str):
+    """Learning is the outcome that shows images, labels and augmentation line up, through either loader."""
+    metrics = train(make_cfg(*LEARN, f"data.backend={backend}"))
     epochs = _epoch_rows(tmp_path / "run")
     assert len(epochs) == 8
     assert float(epochs[-1]["train/loss_epoch"]) < 0.8 * float(epochs[0]["train/loss_epoch"])
