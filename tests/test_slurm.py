@@ -374,14 +374,17 @@ def test_summary_states_of_done_failed_requeued_and_running_jobs(tmp_path: Path)
     assert table[3].split() == ["2", "requeued", "-", "-", "optimizer.lr=0.3"]  # no restarts recorded yet
 
 
-def test_sigterm_saves_a_checkpoint_outside_slurm(tmp_path: Path, cache_dir: Path):
-    """A plain run (no SLURM) told to stop saves where it is and says how to resume."""
+@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["one-process", "ddp-rank0"])
+def test_sigterm_saves_a_checkpoint_outside_slurm(tmp_path: Path, cache_dir: Path, devices: int):
+    """A plain run (no SLURM) told to stop saves where it is and says how to resume. With 2 DDP ranks only rank 0,
+    the process the user started, gets the signal: the ranks agree, stop after the same step and save it once."""
     steps = tmp_path / "steps"
     process = subprocess.Popen(
         [
             sys.executable,
             "train.py",
             *SMALL_RUN,
+            *(["trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={devices}"] if devices > 1 else []),
             f"paths.cache_dir={cache_dir}",
             f"hydra.run.dir={tmp_path / 'run'}",
             "trainer.max_epochs=50",
@@ -393,11 +396,20 @@ def test_sigterm_saves_a_checkpoint_outside_slurm(tmp_path: Path, cache_dir: Pat
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its ranks can be killed together if they do not stop
     )
     wait_for_lines(steps / "rank0.log", 3, timeout=240)
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
+    try:
+        output, _ = process.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate()[0]
+        pytest.fail(f"still running 90 s after SIGTERM (ranks that disagree wait for each other):\n{output[-3000:]}")
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     step, _ = steps_of(tmp_path / "run" / "hpc_ckpt_1.ckpt")
     assert 3 <= step < 50 * 12
     assert f"resume with ckpt_path={tmp_path / 'run' / 'hpc_ckpt_1.ckpt'}" in output
+    for rank in range(devices):  # each rank trained up to the saved step and not one step further
+        trained = [int(line.split()[0]) for line in (steps / f"rank{rank}.log").read_text().splitlines()]
+        assert trained == list(range(1, step + 1)), (rank, output[-3000:])
