@@ -1,0 +1,29 @@
+"""The torchvision backend's train loader: per-rank shards that cover the set, and a fresh permutation each epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data import torchvision_backend
+from data.ilsvrc import Split, load_layout
+
+
+def test_two_shards_cover_the_set_with_a_fresh_permutation_each_epoch(small_demo_root: Path):
+    paths = load_layout(small_demo_root).train.paths[:239]
+    split = Split(paths, list(range(len(paths))))  # label = position: every sample can be told apart
+    loaders = [
+        torchvision_backend.train_loader(split, 8, 16, (0.35, 1.0), 0, rank, 2, 0, False, trained_batches=lambda: 0)
+        for rank in (0, 1)
+    ]
+    epochs = []
+    for epoch in range(3):
+        for loader in loaders:
+            loader.sampler.set_epoch(epoch)  # as Lightning's fit loop does
+        shards = [[int(i) for _, labels in loader for i in labels] for loader in loaders]
+        assert [len(shard) for shard in shards] == [120, 120]  # 239 padded to 240, 15 full batches per rank
+        assert set(shards[0]) | set(shards[1]) == set(range(239))
+        epochs.append(shards)
+    for before, after in zip(epochs, epochs[1:]):
+        for rank in (0, 1):
+            shared = [len(set(after[rank]) & set(before[r])) for r in (0, 1)]
+            assert all(20 < n < 100 for n in shared), shared  # a new random half, not a fixed split
