@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 
-.PHONY: train test test-fast bench report
+.PHONY: train test test-fast bench report mutation
 
 $(INSTALLED): requirements.txt requirements-test.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -30,3 +30,7 @@ bench: $(INSTALLED)
 ## PNG plots of a run or sweep folder: make report ARGS=outputs/train/<run id>
 report: $(INSTALLED)
 	$(VENV)/bin/python report.py $(ARGS)
+
+## The mutation check (not in CI): plant each bug of tests/mutants.toml in a copy of the tree, run its tests, score.
+mutation: $(INSTALLED)
+	$(VENV)/bin/python scripts/mutation_check.py $(ARGS)
