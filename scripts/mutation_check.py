@@ -132,12 +132,9 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
 
 
-def report(outcomes: list[Outcome], baseline: str, out: Path) -> float:
+def report(outcomes: list[Outcome], commit: str, baseline: str, out: Path) -> float:
     caught = sum(o.verdict == "caught" for o in outcomes)
     score = caught / len(outcomes) if outcomes else 0.0
-    commit = _git("rev-parse", "--short", "HEAD") + (
-        " with uncommitted changes" if _git("status", "--porcelain") else ""
-    )
     lines = [
         f"# Mutation check: {caught} of {len(outcomes)} planted bugs caught ({score:.0%})",
         "",
@@ -176,6 +173,8 @@ def main() -> None:
         for m in mutants:
             print(f"{m.id:40} {m.area:11} {m.file}")
         return
+    dirty = " with uncommitted changes" if _git("status", "--porcelain") else ""
+    commit = _git("rev-parse", "--short", "HEAD") + dirty  # of the tree copied below
     with tempfile.TemporaryDirectory(prefix="mutation-") as scratch:
         repo = copy_tree(Path(scratch))
         baseline = "skipped (--no-baseline)"
@@ -196,7 +195,7 @@ def main() -> None:
             print(f"[{number}/{len(mutants)}] {mutant.id} ...", end=" ", flush=True)
             outcomes.append(check(mutant, repo, args.timeout))
             print(f"{outcomes[-1].verdict} ({outcomes[-1].seconds:.0f} s)", flush=True)
-    score = report(outcomes, baseline, args.out)
+    score = report(outcomes, commit, baseline, args.out)
     if any(o.verdict == "error" for o in outcomes) or score < args.min_score:
         sys.exit(1)
 
