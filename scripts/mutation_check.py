@@ -38,6 +38,7 @@ class Mutant:
     find: str
     replace: str
     tests: tuple[str, ...]
+    note: str = ""  # why a bug survives, where no test here can catch it
 
     def apply(self, text: str) -> str:
         """The file's text with the bug planted; ValueError when ``find`` is not there exactly once."""
@@ -124,7 +125,7 @@ def check(mutant: Mutant, repo: Path, timeout: float) -> Outcome:
     if status == 1:
         return Outcome(mutant.id, mutant.area, "caught", seconds, first_failure(output))
     if status == 0:
-        return Outcome(mutant.id, mutant.area, "survived", seconds, "every listed test passed")
+        return Outcome(mutant.id, mutant.area, "survived", seconds, mutant.note or "every listed test passed")
     return Outcome(mutant.id, mutant.area, "error", seconds, f"pytest exit {status}: {first_failure(output)}")
 
 

@@ -103,6 +103,15 @@ def test_two_shards_partition_each_epoch(odd_split: Split):
     assert len({tuple(shards[0]) for shards in epochs}) == 3
 
 
+def test_mid_epoch_state_of_another_world_size_is_refused(odd_split: Split):
+    """DALI's reader state is per rank: a checkpoint of 2 ranks cannot resume exactly on 1, and says so."""
+    loader = dali.train_loader(odd_split, 8, 32, (0.35, 1.0), 1, 0, 1, 0, "cpu", 0)
+    (state,) = loader.state_dict()["dali_epoch_start"]
+    with pytest.raises(ValueError, match="reader state of 2 ranks, this run has 1: resume mid-epoch with the same"):
+        loader.load_state_dict({"dali_epoch_start": [state, state]})
+    loader.load_state_dict({"dali_epoch_start": [state]})
+
+
 def test_val_counts_every_image_once_over_two_ranks(odd_split: Split):
     shards = [_ids(dali.val_loader(odd_split, 8, 32, 36, 1, r, 2, "cpu", 0)) for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == list(range(239))

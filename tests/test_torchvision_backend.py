@@ -1,8 +1,11 @@
-"""The torchvision backend's train loader: per-rank shards that cover the set, and a fresh permutation each epoch."""
+"""The torchvision backend's train loader: per-rank shards that cover the set, a fresh permutation each epoch, and
+augmentations seeded by (seed, epoch, index)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from data import torchvision_backend
 from data.ilsvrc import Split, load_layout
@@ -27,3 +30,22 @@ def test_two_shards_cover_the_set_with_a_fresh_permutation_each_epoch(small_demo
         for rank in (0, 1):
             shared = [len(set(after[rank]) & set(before[r])) for r in (0, 1)]
             assert all(20 < n < 100 for n in shared), shared  # a new random half, not a fixed split
+
+
+def test_each_epoch_draws_new_augmentations_and_a_rerun_the_same(small_demo_root: Path):
+    """A sample's crop and flip are a function of (seed, epoch, index): new in every epoch, the same in a rerun
+    (which is what makes a resumed run see the samples of an uninterrupted one)."""
+    paths = load_layout(small_demo_root).train.paths[:40]
+    split = Split(paths, list(range(len(paths))))
+
+    def crops(epoch: int) -> dict[int, torch.Tensor]:
+        loader = torchvision_backend.train_loader(
+            split, 8, 16, (0.1, 1.0), 0, 0, 1, 0, False, trained_batches=lambda: 0
+        )
+        loader.sampler.set_epoch(epoch)
+        return {int(label): image for images, labels in loader for image, label in zip(images, labels)}
+
+    first, second, again = crops(0), crops(1), crops(0)
+    assert first.keys() == second.keys() == set(range(40))
+    assert all(torch.equal(first[i], again[i]) for i in first)
+    assert sum(torch.equal(first[i], second[i]) for i in first) <= 2  # a crop can repeat by chance, rarely

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from train import train
 
@@ -72,6 +73,15 @@ def test_resume_equals_uninterrupted(make_cfg, tmp_path: Path, precision: str):
         assert torch.equal(state["optimizer_states"][0]["state"][key]["momentum_buffer"], value["momentum_buffer"])
     assert state["lr_schedulers"] == reference["lr_schedulers"]
     assert resumed == straight
+
+
+def test_resuming_on_a_dataset_of_other_classes_is_refused(make_cfg):
+    """The checkpoint's class index (wnid per output) must be the dataset's: another would relabel every class."""
+    datamodule = instantiate(make_cfg(*SMALL_RUN).data)
+    own = list(datamodule.layout.wnids)
+    datamodule.load_state_dict({"wnids": own})
+    with pytest.raises(ValueError, match="trained on other classes than .* holds"):
+        datamodule.load_state_dict({"wnids": own[1:] + own[:1]})  # the same classes in another order
 
 
 @pytest.mark.slow
