@@ -91,9 +91,9 @@ def synchronises(func: Any, args: tuple, kwargs: dict, caller: str = "") -> str 
         return "output size depends on device values"
     if name == "where" and len(args) + len(kwargs) == 1:
         return "torch.where(condition): output size depends on device values"
-    if name == "repeat_interleave" and isinstance(kwargs.get("repeats", args[1:2] and args[1]), torch.Tensor):
-        if kwargs.get("output_size") is None:
-            return "repeat_interleave by a tensor: output size depends on device values"
+    repeats = kwargs.get("repeats", args[1] if len(args) > 1 else None)
+    if name == "repeat_interleave" and isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None:
+        return "repeat_interleave by a tensor: output size depends on device values"
     if name in INDEXING and len(args) > 1 and _has_bool_index(args[1]):
         return "boolean-mask indexing: output size depends on device values"
     return None
