@@ -23,13 +23,13 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validation metrics of ``cfg.ckpt`` (loaded weights-only) under ``cfg.data``; writes the report."""
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    module = instantiate(cfg.model, classes=datamodule.classes, image_spec=datamodule.spec)
     state = load_weights_only(cfg.ckpt)["state_dict"]
     try:
         module.load_state_dict(state)
     except RuntimeError as error:
         raise ValueError(
-            f"{cfg.ckpt} does not fit model={cfg.model.net.arch} with {datamodule.num_classes} classes: pass the "
+            f"{cfg.ckpt} does not fit model={cfg.model.net.arch} with {len(datamodule.classes)} classes: pass the "
             f"model= of the run that wrote it (its .hydra/config.yaml)\n{str(error)[:500]}"
         ) from None
     trainer = instantiate(cfg.trainer, callbacks=[ErrorAnalysis(cfg.report_dir)], logger=instantiate_all(cfg.logger))

@@ -16,16 +16,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from data import affinity
-from data.ilsvrc import IMAGE_SUFFIXES, PIXEL_MEAN, PIXEL_STD, wordnet_names
-from data.torchvision_backend import val_transform
+from data.ilsvrc import IMAGE_SUFFIXES, wordnet_names
+from data.spec import ImageSpec
+from data.torchvision_backend import decode, val_transform
+from models.classifier import CARD
 from models.export import load_weights_only
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 log = logging.getLogger(__name__)
-DATAMODULE_STATE = "ImageNetDataModule"  # Lightning stores the datamodule's state_dict under its class name
 
 
 def image_files(inputs: Sequence[str]) -> list[Path]:
@@ -42,15 +42,15 @@ def image_files(inputs: Sequence[str]) -> list[Path]:
 class Images(Dataset):
     """(index, uint8 image or None, error) per file: a bad file becomes a reported error, not a crash."""
 
-    def __init__(self, files: list[Path], image_size: int, resize_size: int) -> None:
-        self.files, self.transform = files, val_transform(image_size, resize_size)
+    def __init__(self, files: list[Path], spec: ImageSpec) -> None:
+        self.files, self.spec, self.transform = files, spec, val_transform(spec)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, self.transform(decode_image(read_file(str(self.files[index])), mode=ImageReadMode.RGB)), None
+            return index, self.transform(decode(str(self.files[index]), self.spec)), None
         except (RuntimeError, OSError) as error:
             return index, None, str(error).splitlines()[0] or type(error).__name__
 
@@ -58,22 +58,23 @@ class Images(Dataset):
 def predictions(cfg: DictConfig) -> Iterator[tuple[Path, list[tuple[float, str, str]] | None, str | None]]:
     """Per file: its top-k (probability, wnid, name), or None and the reason it could not be read."""
     checkpoint = load_weights_only(cfg.ckpt)
-    wnids = checkpoint.get(DATAMODULE_STATE, {}).get("wnids")
+    wnids = checkpoint.get(CARD, {}).get("classes")
     if wnids is None:
-        raise ValueError(f"{cfg.ckpt} holds no class index (written before predict existed): re-save it from a run")
-    module = instantiate(cfg.model, num_classes=len(wnids))
+        raise ValueError(f"{cfg.ckpt} holds no class index ({CARD!r}; written by an older version): re-save it")
+    spec = instantiate(cfg.data.spec)
+    module = instantiate(cfg.model, classes=wnids)
     module.load_state_dict(checkpoint["state_dict"])
     module.eval()
     names = wordnet_names()
     files = image_files(cfg.inputs)
     workers = affinity.data_workers(cfg.data.num_workers, affinity.rank_cpus(0, 1))
     loader = DataLoader(
-        Images(files, cfg.data.image_size, cfg.data.val_resize_size),
+        Images(files, spec),
         batch_size=cfg.data.batch_size,
         num_workers=workers,
         collate_fn=list,
     )
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (PIXEL_MEAN, PIXEL_STD))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
     for batch in loader:
         good = [(i, image) for i, image, _ in batch if image is not None]
         scores = {}

@@ -1,4 +1,5 @@
-"""Train an image classifier: config -> data -> model -> trainer -> fit.
+"""Train an image classifier: config -> data -> trainer -> model -> fit (the trainer before the model: the world
+size it resolves sizes the learning rate and the schedule, computed once in models/recipe.py).
 
 python train.py                                   # ResNet-18 on the embedded demo dataset, CPU
 python train.py experiment=resnet50 data.root=/datasets/ILSVRC2012 trainer.devices=8
@@ -21,6 +22,7 @@ from omegaconf import DictConfig
 
 from callbacks import wandb_logger
 from callbacks.run_metadata import run_config
+from models.recipe import training_module
 from slurm.sweep import METRICS, refuse_subprocess_ddp_in_multirun
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -38,11 +40,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit as configured; returns the final validation metrics."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, num_classes=datamodule.num_classes)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=instantiate_all(cfg.callbacks), logger=instantiate_all(cfg.logger)
     )
     refuse_subprocess_ddp_in_multirun(trainer)
+    module = training_module(cfg, datamodule, trainer)
     for logger in trainer.loggers:
         logger.log_hyperparams(run_config(cfg, trainer.world_size))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)  # never runs pickled code

@@ -32,8 +32,11 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 from torchvision.io import ImageReadMode, decode_image, read_file  # noqa: E402
 
-from data import dali, torchvision_backend  # noqa: E402
-from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, Split  # noqa: E402
+from data.dali import DaliLoaders  # noqa: E402
+from data.ilsvrc import Split  # noqa: E402
+from data.placement import Placement, Shard  # noqa: E402
+from data.spec import ImageSpec  # noqa: E402
+from data.torchvision_backend import TorchvisionLoaders  # noqa: E402
 
 SIZE = 224
 
@@ -95,9 +98,10 @@ def epoch_rates(
 
 def pipelines(split: Split, threads: int, batch: int, pool: ProcessPoolExecutor) -> dict[str, Callable[[int], list]]:
     """Name -> a function measuring that many epochs; loaders and worker processes built once and kept."""
-    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
-    args = (split, batch, SIZE, (0.08, 1.0), threads, 0, 1, 0)
+    spec = ImageSpec(image_size=SIZE)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
+    options = dict(spec=spec, batch_size=batch, shard=Shard(), seed=0, trained_batches=lambda: 0)
+    on_cpu = Placement(workers=threads)
     measures = {
         "decode ceiling (decode_jpeg, no augmentation)": partial(
             decode_rates, pool, [split.paths[i::threads] for i in range(threads)]
@@ -110,13 +114,16 @@ def pipelines(split: Split, threads: int, batch: int, pool: ProcessPoolExecutor)
         ),
         "torchvision fast path (decode_jpeg + transforms.v2 on uint8)": partial(
             epoch_rates,
-            torchvision_backend.train_loader(*args, False, lambda: 0),
+            TorchvisionLoaders().train(split, placement=on_cpu, **options),
             finish=lambda x: (x.float() - mean) / std,
         ),
-        "DALI CPU": partial(epoch_rates, dali.train_loader(*args, "cpu", 0)),
+        "DALI CPU": partial(epoch_rates, DaliLoaders("cpu").train(split, placement=on_cpu, **options)),
     }
     if torch.cuda.is_available():
-        measures["DALI GPU (mixed)"] = partial(epoch_rates, dali.train_loader(*args, "mixed", 0))
+        on_gpu = Placement(torch.device("cuda", torch.cuda.current_device()), workers=threads)
+        measures["DALI GPU (mixed)"] = partial(
+            epoch_rates, DaliLoaders("mixed").train(split, placement=on_gpu, **options)
+        )
     return measures
 
 

@@ -43,6 +43,8 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from data.placement import half_dtype  # noqa: E402
+from models.recipe import training_module  # noqa: E402
 from train import instantiate_all  # noqa: E402
 
 MEASUREMENTS = ("data", "synthetic", "trainer", "loop")
@@ -118,11 +120,6 @@ def compose_config(overrides: list[str], output_dir: str) -> DictConfig:
     return cfg
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype of a Lightning precision setting (``bf16-mixed`` -> bfloat16), None without autocast."""
-    return {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0])
-
-
 class Setup:
     """The configured datamodule, module and a trainer (the fitted one for ``trainer``, an idle one otherwise,
     which tells the datamodule its device and precision)."""
@@ -131,8 +128,8 @@ class Setup:
         pl.seed_everything(cfg.seed)
         self.cfg = cfg
         self.datamodule = instantiate(cfg.data)
-        self.module = instantiate(cfg.model, num_classes=self.datamodule.num_classes)
         self.trainer: pl.Trainer = instantiate(cfg.trainer, **trainer_options)
+        self.module = training_module(cfg, self.datamodule, self.trainer)
         self.device = self.trainer.strategy.root_device
         self.batch = self.datamodule.batch_size
 
@@ -150,13 +147,13 @@ class Setup:
                 yield self.datamodule.on_after_batch_transfer(batch, 0)
 
     def step_function(self) -> Callable[[torch.Tensor, torch.Tensor], None]:
-        """What a hand-written loop does per batch: autocast forward, loss, backward, optimizer and schedule."""
-        module, dtype = self.module, autocast_dtype(self.cfg.trainer.precision)
+        """What a hand-written loop does per batch: autocast forward, loss, backward, optimizer and schedule (the
+        module's own, sized by the same plan as the trainer's)."""
+        module, dtype = self.module, half_dtype(self.cfg.trainer.precision)
         autocast = torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
         scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
-        optimizer = instantiate(self.cfg.optimizer)(module.parameter_groups())
-        steps_per_epoch = self.datamodule.train_batches_per_epoch(1)
-        scheduler = instantiate(self.cfg.scheduler)(optimizer, steps_per_epoch=steps_per_epoch)
+        optimizer = module.optimizer_factory(module.parameter_groups())
+        scheduler = module.scheduler_factory(optimizer)
         module.train()
 
         def step(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -187,7 +184,7 @@ def measure_data(setup: Setup, steps: int) -> StepClock:
 def measure_synthetic(setup: Setup, steps: int) -> StepClock:
     setup.attach()
     images, labels = next(setup.batches())
-    images, labels = torch.randn_like(images), torch.randint_like(labels, setup.datamodule.num_classes)
+    images, labels = torch.randn_like(images), torch.randint_like(labels, len(setup.datamodule.classes))
     step, clock = setup.step_function(), StepClock(setup.device)
     clock.started()
     for _ in range(steps):
@@ -253,7 +250,7 @@ def _uses_cuda(cfg: DictConfig) -> bool:
 def training_flops_per_image(setup: Setup) -> float:
     """3x the forward FLOPs (forward + backward) of one image at the configured size, counted by torch."""
     net = setup.module.net
-    size = setup.datamodule.image_size
+    size = setup.datamodule.spec.image_size
     counter = FlopCounterMode(display=False)
     was_training = net.training
     net.eval()
@@ -351,7 +348,7 @@ def run_suite(
                 torch.cuda.empty_cache()
     results = {name: {**summarise(clocks[name], batch, warmup, windows, window_steps), **memory[name]} for name in only}
     precision = str(cfg.trainer.precision)
-    peak = peak_flops(device, autocast_dtype(precision) or torch.float32)
+    peak = peak_flops(device, half_dtype(precision) or torch.float32)
     reference = peak["datasheet"] or peak["measured_matmul"]
     for name, result in results.items():
         if name != "data":
@@ -363,12 +360,12 @@ def run_suite(
         "config": {
             "model": cfg.model.net.arch,
             "batch": cfg.data.batch_size,
-            "image_size": cfg.data.image_size,
+            "image_size": cfg.data.spec.image_size,
             "precision": precision,
             "channels_last": cfg.model.channels_last,
             "compile": cfg.model.get("compile", False),
             "optimizer_fused": cfg.optimizer.get("fused"),
-            "data_backend": cfg.data.backend,
+            "data_loader": cfg.data.loader._target_.rsplit(".", 1)[-1],
             "device": str(device),
             "warmup_steps": warmup,
             "windows": windows,
@@ -389,7 +386,7 @@ def table(report: dict) -> str:
     c, m = report["config"], report["machine"]
     lines = [
         f"{c['model']}, batch {c['batch']}, {c['image_size']} px, {c['precision']}, channels_last "
-        f"{c['channels_last']}, compile {c['compile']}, fused SGD {c['optimizer_fused']}, data {c['data_backend']}, "
+        f"{c['channels_last']}, compile {c['compile']}, fused SGD {c['optimizer_fused']}, data {c['data_loader']}, "
         f"on {c['device']} ({m['gpu'] or m['cpu']}; {m['cpu_cores']} CPU cores); torch {m['torch']}, "
         f"Lightning {m['pytorch_lightning']}, DALI {m['dali']}; median of {c['repeats']} x {c['windows']} windows "
         f"of {c['window_steps']} steps after {c['warmup_steps']}; MFU against the {report['mfu_against']} peak "

@@ -1,4 +1,5 @@
-"""The DALI backend: one pipeline definition for train and val whose decoder runs on the GPU ("mixed") or the CPU.
+"""The DALI loader (``data/loader=dali``): one pipeline definition for train and val whose decoder runs on the GPU
+("mixed") or the CPU.
 
 The reader shards by global rank with a fresh global permutation every epoch (``shuffle_after_epoch``, one seed
 for all ranks so the shards of an epoch partition the set); augmentation seeds differ per rank.
@@ -19,10 +20,13 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from torchvision.transforms.v2.functional import resize
 
 from data.affinity import affinity_mask
-from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, Split
+from data.ilsvrc import Split
+from data.placement import Placement, Shard
+from data.spec import ConfigError, ImageSpec
 
 READER = "Reader"
 OUTPUT_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}  # DALI has no bfloat16: autocast casts fp16 input
+DEVICES = ("auto", "mixed", "cpu")
 
 
 class TorchResize:
@@ -57,14 +61,11 @@ def _resize(images, size: list[int], decoder_device: str, cpus: Sequence[int] | 
 @pipeline_def(enable_conditionals=False)
 def ilsvrc_pipeline(
     split: Split,
+    spec: ImageSpec,
     training: bool,
     decoder_device: str,
-    shard_id: int,
-    num_shards: int,
-    image_size: int,
-    resize_size: int,
-    crop_scale: Sequence[float],
-    reader_seed: int,
+    shard: Shard,
+    reader_seed: int = 0,
     image_dtype: str = "float32",
     hw_decoder_load: float = 0.65,
     cpus: Sequence[int] | None = None,
@@ -73,8 +74,8 @@ def ilsvrc_pipeline(
     jpegs, labels = fn.readers.file(
         files=split.paths,
         labels=split.labels,
-        shard_id=shard_id,
-        num_shards=num_shards,
+        shard_id=shard.rank,
+        num_shards=shard.world_size,
         pad_last_batch=True,
         name=READER,
         **(
@@ -83,33 +84,31 @@ def ilsvrc_pipeline(
             else dict(stick_to_shard=True)
         ),
     )
-    gpu_options = {}
+    decoding = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=spec.orientation == "exif")
     if decoder_device == "mixed":  # the hardware decoder's share set explicitly: its default moved across versions
-        gpu_options = dict(
+        decoding |= dict(
             hw_decoder_load=hw_decoder_load, device_memory_padding=211_025_920, host_memory_padding=140_544_512
         )
     if training:
         images = fn.decoders.image_random_crop(
             jpegs,
-            device=decoder_device,
-            output_type=types.RGB,
-            random_area=list(crop_scale),
-            random_aspect_ratio=[3 / 4, 4 / 3],
+            random_area=list(spec.train_crop_scale),
+            random_aspect_ratio=list(spec.train_aspect_ratio),
             num_attempts=100,
-            **gpu_options,
+            **decoding,
         )
-        size, mirror = [image_size, image_size], fn.random.coin_flip(probability=0.5)
+        size, mirror = [spec.image_size, spec.image_size], fn.random.coin_flip(probability=0.5 * spec.flip)
     else:
-        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **gpu_options)
-        size, mirror = [resize_size], 0
+        images = fn.decoders.image(jpegs, **decoding)
+        size, mirror = [spec.val_resize_size], 0
     images = _resize(images, size, decoder_device, cpus)
     images = fn.crop_mirror_normalize(
         images,
         dtype=OUTPUT_DTYPES[image_dtype],
         output_layout="HWC",
-        crop=(image_size, image_size),
-        mean=list(PIXEL_MEAN),
-        std=list(PIXEL_STD),
+        crop=(spec.image_size, spec.image_size),
+        mean=list(spec.mean),
+        std=list(spec.std),
         mirror=mirror,
     )
     return images, labels
@@ -185,12 +184,11 @@ class ResumableDaliLoader(DaliLoader):
         build_pipeline: Callable[[str | None], object],
         batches_per_epoch: int,
         trained_batches: Callable[[], int],
-        rank: int,
-        world_size: int,
+        shard: Shard,
     ) -> None:
         super().__init__(build_pipeline(None), batches_per_epoch, LastBatchPolicy.DROP)
         self.build_pipeline, self.trained_batches = build_pipeline, trained_batches
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = shard.rank, shard.world_size
         self.epoch_start: str | None = None  # set when an epoch starts; read only while one runs
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -217,121 +215,113 @@ class ResumableDaliLoader(DaliLoader):
         self.in_epoch, self.replay = False, self.trained_batches()
 
 
-def decoder_device(device: str) -> str:
-    """``auto`` -> ``mixed`` (nvJPEG and the hardware decoder) where there is a GPU, ``cpu`` elsewhere."""
-    if device not in ("auto", "cpu", "mixed"):
-        raise ValueError(f"data.dali_device must be auto, cpu or mixed, got {device!r}")
-    if device == "auto":
-        return "mixed" if torch.cuda.is_available() else "cpu"
-    return device
+class DaliLoaders:
+    """The loader node ``conf/data/loader/dali.yaml``: one DALI pipeline per split and rank.
 
-
-def batches_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
-    """floor(floor(N / world) / batch): the smallest shard's full batches, the same count on every rank."""
-    steps = num_images // world_size // batch_size
-    if steps == 0:
-        raise ValueError(f"{num_images} train images over {world_size} ranks make no full batch of {batch_size}")
-    return steps
-
-
-def _placement(
-    num_threads: int,
-    device: str,
-    device_id: int,
-    rank: int,
-    world_size: int,
-    cpus: Sequence[int] | None,
-    prefetch_depth: int,
-    hw_decoder_load: float,
-) -> dict:
-    """Pipeline arguments that say where it decodes, which shard it reads, and how it uses the machine."""
-    decoder = decoder_device(device)
-    pin_threads(cpus, num_threads)
-    return dict(
-        decoder_device=decoder,
-        device_id=device_id if decoder == "mixed" else None,
-        shard_id=rank,
-        num_shards=world_size,
-        set_affinity=bool(cpus),
-        cpus=cpus,
-        prefetch_queue_depth=prefetch_depth,
-        hw_decoder_load=hw_decoder_load,
-    )
-
-
-def train_loader(
-    split: Split,
-    batch_size: int,
-    image_size: int,
-    crop_scale: Sequence[float],
-    num_threads: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    device: str,
-    device_id: int,
-    trained_batches: Callable[[], int] = lambda: 0,
-    output_dtype: str = "float32",
-    cpus: Sequence[int] | None = None,
-    prefetch_depth: int = 2,
-    hw_decoder_load: float = 0.65,
-) -> ResumableDaliLoader:
-    """Every rank runs ``batches_per_epoch`` steps: the same count on each, full batches only.
-
-    ``trained_batches`` tells, when a checkpoint is restored, how many batches of its epoch were trained;
-    ``cpus``, the cores this rank's DALI threads are pinned to (none: unpinned).
+    ``device``: ``mixed`` decodes on the GPU (nvJPEG and the hardware JPEG engine), ``cpu`` on the CPU, ``auto``
+    on the rank's GPU where it has one. ``output_dtype``: ``auto`` hands float16 to 16-bit runs that decode on
+    the GPU (half the bytes; DALI has no bfloat16 and autocast casts fp16 input) and float32 otherwise (a CPU
+    pipeline's float16 conversion cost ~12% of its speed on 2 cores, more than the halved copy saves).
+    ``prefetch_depth``: batches each pipeline prepares ahead; ``hw_decoder_load``: the share of the images the GPU's
+    JPEG engine decodes; ``cpu_affinity``: pin each rank's DALI threads to its own cores.
     """
-    build_pipeline = partial(
-        ilsvrc_pipeline,
-        split=split,
-        training=True,
-        image_size=image_size,
-        resize_size=image_size,
-        crop_scale=crop_scale,
-        reader_seed=seed,
-        batch_size=batch_size,
-        num_threads=num_threads,
-        seed=seed + 1 + rank,
-        enable_checkpointing=True,
-        image_dtype=output_dtype,
-        **_placement(num_threads, device, device_id, rank, world_size, cpus, prefetch_depth, hw_decoder_load),
-    )
-    steps = batches_per_epoch(len(split), world_size, batch_size)
-    return ResumableDaliLoader(
-        lambda checkpoint: build_pipeline(checkpoint=checkpoint),
-        steps,
-        trained_batches,
-        rank,
-        world_size,
-    )
 
+    name = "dali"
+    ten_crop = False
 
-def val_loader(
-    split: Split,
-    batch_size: int,
-    image_size: int,
-    resize_size: int,
-    num_threads: int,
-    rank: int,
-    world_size: int,
-    device: str,
-    device_id: int,
-    output_dtype: str = "float32",
-    cpus: Sequence[int] | None = None,
-    prefetch_depth: int = 2,
-    hw_decoder_load: float = 0.65,
-) -> DaliLoader:
-    """Each rank its own contiguous shard, the last batch partial: every image counted exactly once."""
-    pipeline = ilsvrc_pipeline(
-        split=split,
-        training=False,
-        image_size=image_size,
-        resize_size=resize_size,
-        crop_scale=(1.0, 1.0),
-        reader_seed=0,
-        batch_size=batch_size,
-        num_threads=num_threads,
-        image_dtype=output_dtype,
-        **_placement(num_threads, device, device_id, rank, world_size, cpus, prefetch_depth, hw_decoder_load),
-    )
-    return DaliLoader(pipeline, None, LastBatchPolicy.PARTIAL)
+    def __init__(
+        self,
+        device: str = "auto",
+        output_dtype: str = "auto",
+        prefetch_depth: int = 2,
+        hw_decoder_load: float = 0.65,
+        cpu_affinity: bool = True,
+    ) -> None:
+        if device not in DEVICES:
+            raise ConfigError("data.loader.device", device, " or ".join(DEVICES))
+        if output_dtype not in ("auto", *OUTPUT_DTYPES):
+            raise ConfigError("data.loader.output_dtype", output_dtype, " or ".join(("auto", *OUTPUT_DTYPES)))
+        if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
+            raise ConfigError("data.loader.prefetch_depth", prefetch_depth, "a whole number of batches >= 1")
+        if not 0 <= hw_decoder_load <= 1:
+            raise ConfigError("data.loader.hw_decoder_load", hw_decoder_load, "a share between 0 and 1")
+        self.device, self.output_dtype, self.prefetch_depth = device, output_dtype, prefetch_depth
+        self.hw_decoder_load, self.cpu_affinity = hw_decoder_load, cpu_affinity
+
+    def decoder(self, placement: Placement) -> str:
+        """``mixed`` or ``cpu`` for a rank placed on ``placement.device``."""
+        if self.device == "mixed" and placement.device.type != "cuda":
+            raise ConfigError(
+                "data.loader.device", "mixed", f"cpu or auto on this rank, which runs on {placement.device} (no GPU)"
+            )
+        return "mixed" if self.device != "cpu" and placement.device.type == "cuda" else "cpu"
+
+    def image_dtype(self, placement: Placement) -> str:
+        if self.output_dtype != "auto":
+            return self.output_dtype
+        return "float16" if placement.half_dtype is not None and self.decoder(placement) == "mixed" else "float32"
+
+    @staticmethod
+    def batches_per_epoch(num_images: int, batch_size: int, shard: Shard) -> int:
+        """floor(floor(N / world) / batch): the smallest shard's full batches, the same count on every rank."""
+        return num_images // shard.world_size // batch_size
+
+    def train(
+        self,
+        split: Split,
+        *,
+        spec: ImageSpec,
+        batch_size: int,
+        shard: Shard,
+        placement: Placement,
+        seed: int,
+        trained_batches: Callable[[], int] = lambda: 0,
+    ) -> ResumableDaliLoader:
+        """Every rank runs ``batches_per_epoch`` steps: the same count on each, full batches only.
+
+        ``trained_batches`` tells, when a checkpoint is restored, how many batches of its epoch were trained.
+        """
+        build_pipeline = partial(
+            ilsvrc_pipeline,
+            split=split,
+            spec=spec,
+            training=True,
+            reader_seed=seed,
+            batch_size=batch_size,
+            seed=seed + 1 + shard.rank,
+            enable_checkpointing=True,
+            **self._placed(shard, placement),
+        )
+        steps = self.batches_per_epoch(len(split), batch_size, shard)
+        return ResumableDaliLoader(
+            lambda checkpoint: build_pipeline(checkpoint=checkpoint), steps, trained_batches, shard
+        )
+
+    def val(
+        self, split: Split, *, spec: ImageSpec, batch_size: int, shard: Shard, placement: Placement, ten_crop: bool
+    ) -> DaliLoader:
+        """Each rank its own contiguous shard, the last batch partial: every image counted exactly once."""
+        if ten_crop:
+            raise ConfigError("data.val_crops", 10, "1 with data/loader=dali (ten crops: data/loader=torchvision)")
+        pipeline = ilsvrc_pipeline(
+            split=split, spec=spec, training=False, batch_size=batch_size, **self._placed(shard, placement)
+        )
+        return DaliLoader(pipeline, None, LastBatchPolicy.PARTIAL)
+
+    def _placed(self, shard: Shard, placement: Placement) -> dict:
+        """Pipeline arguments that say where it decodes, which shard it reads, and how it uses the machine."""
+        decoder = self.decoder(placement)
+        threads = max(1, placement.workers)  # num_workers=0 means "in this process" for the DataLoader
+        cpus = placement.cpus if self.cpu_affinity else ()
+        pin_threads(cpus, threads)
+        return dict(
+            decoder_device=decoder,
+            device_id=placement.device.index if decoder == "mixed" else None,
+            shard=shard,
+            num_threads=threads,
+            set_affinity=bool(cpus),
+            cpus=cpus or None,
+            prefetch_queue_depth=self.prefetch_depth,
+            hw_decoder_load=self.hw_decoder_load,
+            image_dtype=self.image_dtype(placement),
+        )

@@ -25,8 +25,6 @@ SYNSET_MAPPING = "LOC_synset_mapping.txt"
 CLASS_TABLE = Path(__file__).with_name("ilsvrc2012_classes.tsv")
 HIERARCHY_TABLE = Path(__file__).with_name("ilsvrc2012_hierarchy.tsv")
 FULL_ILSVRC2012 = {"classes": 1000, "train": 1_281_167, "val": 50_000}
-PIXEL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # ImageNet's RGB statistics, on the 0..255 scale
-PIXEL_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 class DatasetLayoutError(ValueError):

@@ -1,4 +1,5 @@
-"""The torchvision DataLoader backend: libjpeg-turbo decoding and transforms.v2 on uint8 tensors in worker processes.
+"""The torchvision loader (``data/loader=torchvision``): libjpeg-turbo decoding and transforms.v2 on uint8 tensors in
+DataLoader worker processes.
 
 Batches stay uint8 until they are on the device (4x less to copy); the datamodule normalises them there.
 """
@@ -6,6 +7,7 @@ Batches stay uint8 until they are on the device (4x less to copy); the datamodul
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -15,21 +17,34 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from data.ilsvrc import Split
+from data.placement import Placement, Shard
+from data.spec import ImageSpec
 
 
-def train_transform(image_size: int, crop_scale: Sequence[float]) -> v2.Transform:
-    """Inception-style augmentation: random-resized crop (aspect 3/4..4/3) and a horizontal flip."""
-    return v2.Compose(
-        [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True), v2.RandomHorizontalFlip()]
+def decode(path: str, spec: ImageSpec) -> torch.Tensor:
+    """The file as 8-bit RGB (C, H, W), oriented as ``spec.orientation`` says: the one decoding step of the
+    torchvision loader, ``predict.py`` and the index's full check."""
+    image = decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=spec.orientation == "exif")
+    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
+        image = v2.functional.to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+def train_transform(spec: ImageSpec) -> v2.Transform:
+    """Inception-style augmentation: random-resized crop and a horizontal flip, as the spec sizes them."""
+    crop = v2.RandomResizedCrop(
+        spec.image_size, scale=spec.train_crop_scale, ratio=spec.train_aspect_ratio, antialias=True
     )
+    return v2.Compose([crop, v2.RandomHorizontalFlip(0.5 if spec.flip else 0.0)])
 
 
-def val_transform(image_size: int, resize_size: int, ten_crop: bool = False) -> v2.Transform:
-    """The standard single-crop protocol: shorter side to ``resize_size``, then a centre crop; or the ten-crop one
-    (Krizhevsky et al. 2012): the four corners and the centre, and their mirror images, stacked as (10, C, H, W)."""
+def val_transform(spec: ImageSpec, ten_crop: bool = False) -> v2.Transform:
+    """The standard single-crop protocol: shorter side to ``val_resize_size``, then a centre crop; or the ten-crop
+    one (Krizhevsky et al. 2012): the four corners and the centre, and their mirror images, as (10, C, H, W)."""
+    resize = v2.Resize(spec.val_resize_size, antialias=True)
     if ten_crop:
-        return v2.Compose([v2.Resize(resize_size, antialias=True), v2.TenCrop(image_size), _stack])
-    return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size)])
+        return v2.Compose([resize, v2.TenCrop(spec.image_size), _stack])
+    return v2.Compose([resize, v2.CenterCrop(spec.image_size)])
 
 
 def _stack(crops: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -39,8 +54,8 @@ def _stack(crops: Sequence[torch.Tensor]) -> torch.Tensor:
 class ImageFiles(Dataset):
     """Decoded RGB uint8 images of a split. Keys are indices, or (index, seed) pairs from ``EpochSeededSampler``."""
 
-    def __init__(self, split: Split, transform: v2.Transform) -> None:
-        self.split, self.transform = split, transform
+    def __init__(self, split: Split, spec: ImageSpec, transform: v2.Transform) -> None:
+        self.split, self.spec, self.transform = split, spec, transform
 
     def __len__(self) -> int:
         return len(self.split)
@@ -49,9 +64,9 @@ class ImageFiles(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         path = self.split.paths[index]
         try:
-            image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+            image = decode(path, self.spec)
         except RuntimeError as error:
-            raise RuntimeError(f"{path}: cannot be decoded ({error})") from error
+            raise RuntimeError(f"{path}: cannot be decoded ({error}); check the files with --mode full") from error
         if seed is None:
             return self.transform(image), self.split.labels[index]
         with torch.random.fork_rng(devices=[]):  # the sample's augmentation depends on (seed, epoch, index) only
@@ -90,49 +105,53 @@ class ResumableDataLoader(DataLoader):
         self.sampler.skip = self.trained_batches() * self.batch_size
 
 
-def train_loader(
-    split: Split,
-    batch_size: int,
-    image_size: int,
-    crop_scale: Sequence[float],
-    num_workers: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    pin_memory: bool,
-    trained_batches: Callable[[], int],
-) -> DataLoader:
-    sampler = EpochSeededSampler(split, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    return ResumableDataLoader(
-        ImageFiles(split, train_transform(image_size, crop_scale)),
-        trained_batches=trained_batches,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        drop_last=True,
-        persistent_workers=num_workers > 0,
-    )
+class TorchvisionLoaders:
+    """The loader node ``conf/data/loader/torchvision.yaml``; ``pin_memory`` speeds the copy to a GPU."""
 
+    name = "torchvision"
+    ten_crop = True  # supports data.val_crops=10
 
-def val_loader(
-    split: Split,
-    batch_size: int,
-    image_size: int,
-    resize_size: int,
-    num_workers: int,
-    rank: int,
-    world_size: int,
-    pin_memory: bool,
-    ten_crop: bool = False,
-) -> DataLoader:
-    """Each image exactly once across ranks: no padding duplicates (ranks may differ by one batch)."""
-    sampler = UnrepeatedDistributedSampler(split, num_replicas=world_size, rank=rank, shuffle=False)
-    return DataLoader(
-        ImageFiles(split, val_transform(image_size, resize_size, ten_crop)),
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-    )
+    def __init__(self, pin_memory: bool = True) -> None:
+        self.pin_memory = pin_memory
+
+    @staticmethod
+    def batches_per_epoch(num_images: int, batch_size: int, shard: Shard) -> int:
+        """Full batches per rank (the sampler pads the split to a multiple of the world size; the last partial
+        batch is dropped)."""
+        return math.ceil(num_images / shard.world_size) // batch_size
+
+    def train(
+        self,
+        split: Split,
+        *,
+        spec: ImageSpec,
+        batch_size: int,
+        shard: Shard,
+        placement: Placement,
+        seed: int,
+        trained_batches: Callable[[], int],
+    ) -> DataLoader:
+        sampler = EpochSeededSampler(split, num_replicas=shard.world_size, rank=shard.rank, shuffle=True, seed=seed)
+        return ResumableDataLoader(
+            ImageFiles(split, spec, train_transform(spec)),
+            trained_batches=trained_batches,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=True,
+            **self._workers(placement),
+        )
+
+    def val(
+        self, split: Split, *, spec: ImageSpec, batch_size: int, shard: Shard, placement: Placement, ten_crop: bool
+    ) -> DataLoader:
+        """Each image exactly once across ranks: no padding duplicates (ranks may differ by one batch)."""
+        sampler = UnrepeatedDistributedSampler(split, num_replicas=shard.world_size, rank=shard.rank, shuffle=False)
+        dataset = ImageFiles(split, spec, val_transform(spec, ten_crop))
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **self._workers(placement))
+
+    def _workers(self, placement: Placement) -> dict:
+        return dict(
+            num_workers=placement.workers,
+            persistent_workers=placement.workers > 0,
+            pin_memory=self.pin_memory and placement.device.type == "cuda",
+        )

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from data.spec import ImageSpec
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+CARD = "model_card"  # the checkpoint key of the class index and the image spec (README: Checkpoints)
 
 
 def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -26,35 +27,38 @@ def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
 class ImageClassifier(pl.LightningModule):
     """Cross-entropy classifier; top-1/top-5 accumulate on the device and are reduced across ranks per epoch.
 
-    ``channels_last`` keeps weights and inputs in NHWC (what DALI outputs; the fast layout for convolutions on
-    tensor cores); ``compile`` compiles the network with ``torch.compile`` on its first batch.
-    ``optimizer.lr`` is the learning rate per ``lr_reference_batch`` images: the one used is scaled by the real
-    global batch (per-device batch x world size x gradient accumulation), the linear scaling rule of Goyal et al.
+    ``classes``: the class index (output ``i`` is the wnid ``classes[i]``); with ``image_spec`` it travels in every
+    checkpoint as its model card (``CARD``), so a checkpoint names its classes and says how its images were made.
+    ``optimizer`` and ``scheduler`` come ready for this run (the learning rate scaled and the steps per epoch set
+    once, by ``models.recipe``). ``channels_last`` keeps weights and inputs in NHWC (what DALI outputs; the fast
+    layout for convolutions on tensor cores); ``compile`` compiles the network with ``torch.compile`` on its first
+    batch.
     """
 
     def __init__(
         self,
         net: Callable[..., nn.Module],
-        num_classes: int,
+        classes: Sequence[str],
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
         weight_decay_on_norm_and_bias: bool = True,
-        lr_reference_batch: int | None = 256,
         channels_last: bool = False,
         compile: bool = False,
+        image_spec: ImageSpec | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
-        self.net = net(num_classes=num_classes)
+        self.save_hyperparameters(ignore=["net", "classes", "optimizer", "scheduler", "image_spec"])
+        self.classes, self.image_spec = list(classes), image_spec
+        self.net = net(num_classes=len(self.classes))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
         if compile:  # in place: the state_dict keeps its keys, so checkpoints and exports are unchanged
             self.net.compile()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.train_metrics = _accuracy_metrics(num_classes, "train/")
-        self.val_metrics = _accuracy_metrics(num_classes, "val/")
+        self.train_metrics = _accuracy_metrics(len(self.classes), "train/")
+        self.val_metrics = _accuracy_metrics(len(self.classes), "val/")
         # Training: no NaN check, which reads a device value on the host at every update (a NaN loss still shows
         # in the mean). torchmetrics then ignores weights, so its batches are averaged as equals: they are all full.
         self.train_loss, self.val_loss = MeanMetric(nan_strategy="disable"), MeanMetric()
@@ -97,29 +101,25 @@ class ImageClassifier(pl.LightningModule):
         return [{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]
 
     def configure_optimizers(self) -> dict:
-        trainer = self.trainer
-        global_batch = trainer.datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
-        base_lr = self.optimizer_factory.keywords["lr"]
-        reference = self.hparams.lr_reference_batch
-        lr = base_lr * global_batch / reference if reference else base_lr
-        rank_zero_info(
-            f"Learning rate {lr:g} = {base_lr:g} x global batch {global_batch} / {reference} "
-            f"({trainer.datamodule.batch_size} per device x {trainer.world_size} devices "
-            f"x {trainer.accumulate_grad_batches} accumulated)"
-            if reference
-            else f"Learning rate {lr:g} (no batch scaling); global batch {global_batch}"
-        )
-        optimizer = self.optimizer_factory(self.parameter_groups(), lr=lr)
+        optimizer = self.optimizer_factory(self.parameter_groups())
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        steps_per_epoch = max(1, math.ceil(self._batches_per_epoch() / trainer.accumulate_grad_batches))
-        scheduler = self.scheduler_factory(optimizer, steps_per_epoch=steps_per_epoch)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
-    def _batches_per_epoch(self) -> int:
-        """Training batches per epoch on this rank, ``limit_train_batches`` applied, without building a loader
-        (building it here would run before a checkpoint's loader state can be restored into it)."""
-        trainer = self.trainer
-        batches = trainer.datamodule.train_batches_per_epoch(trainer.world_size)
-        limit = trainer.limit_train_batches
-        return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CARD] = {
+            "classes": self.classes,
+            "image_spec": self.image_spec.to_dict() if self.image_spec is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming: the checkpoint's outputs must mean the classes this run's data has, in the same order."""
+        saved = checkpoint.get(CARD, {}).get("classes", self.classes)
+        if saved != self.classes:
+            raise ValueError(
+                f"the checkpoint was trained on other classes than the data holds ({len(saved)} vs "
+                f"{len(self.classes)}, or another order): resume on the dataset it was trained on"
+            )

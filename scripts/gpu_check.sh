@@ -35,7 +35,7 @@ fi
 
 if [[ $mode == --dry ]]; then  # every step, at sizes a 2-core CPU runs in a minute or two
   steps=(--warmup 1 --windows 2 --window-steps 2)  # fp32: CPUs without bf16 units emulate it, 3x slower
-  device=(trainer.accelerator=cpu trainer.precision=32-true data.image_size=64 data.val_resize_size=73)
+  device=(trainer.accelerator=cpu trainer.precision=32-true data.spec.image_size=64 data.spec.val_resize_size=73)
   batches=(resnet50=4 resnet18=8 vgg16=2 alexnet=8)
   jpegs=(--per-class 1 --copies 1 --short-side 80)
   pipelines=(--threads 1 --batch 8 --epochs 1 --repeats 1)
@@ -84,7 +84,7 @@ for entry in "${batches[@]}"; do
   bench "$model" "${preset[@]}" data.batch_size="$batch"
 done
 resnet50=(experiment=resnet50_fast data.batch_size="${batches[0]#*=}")
-bench resnet50-data-hw0.9 --only data "${resnet50[@]}" data.dali_hw_decoder_load=0.9
+bench resnet50-data-hw0.9 --only data "${resnet50[@]}" data.loader.hw_decoder_load=0.9
 if [[ $mode == full && $SECONDS -lt 330 ]]; then  # torch.compile's time and gain, if the budget allows
   bench resnet50-compiled --only synthetic "${resnet50[@]}" model.compile=true
 fi

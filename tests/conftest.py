@@ -24,8 +24,8 @@ os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 SMALL_DEMO = dict(num_classes=4, train_per_class=60, val_per_class=15, short_side=48)
 SMALL_RUN = [
     "experiment=demo",
-    "data.image_size=32",
-    "data.val_resize_size=36",
+    "data.spec.image_size=32",
+    "data.spec.val_resize_size=36",
     "data.batch_size=20",
     "data.num_workers=0",
     "trainer.enable_progress_bar=false",

@@ -10,6 +10,8 @@ import pytest
 
 from data import affinity, dali
 from data.ilsvrc import load_layout
+from data.placement import Placement
+from tests.loaders import loader, small_spec
 
 ALLOWED = sorted(os.sched_getaffinity(0))
 
@@ -62,8 +64,11 @@ def test_dali_threads_run_on_the_rank_cores(small_demo_root: Path, monkeypatch):
     cpus = affinity.rank_cpus(1, 2)
     assert cpus == [ALLOWED[1]]
     before = set(_thread_cpus())
-    loader = dali.train_loader(load_layout(small_demo_root).train, 8, 32, (0.35, 1.0), 2, 0, 1, 0, "cpu", 0, cpus=cpus)
-    next(iter(loader))
+    placement = Placement(workers=2, cpus=tuple(cpus))
+    batches = loader(
+        "dali", load_layout(small_demo_root).train, train=True, batch_size=8, spec=small_spec(), placement=placement
+    )
+    next(iter(batches))  # the pipeline and its threads live as long as the loader
     workers = {name: allowed for name, allowed in _thread_cpus().items() if name not in before and "[DALI][TP" in name}
     assert len(workers) == 2 and set(workers.values()) == {str(cpus[0])}, workers
     resizers = {str(thread.native_id) for thread in threading.enumerate() if thread.name.startswith("dali-resize")}

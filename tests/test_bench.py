@@ -25,17 +25,17 @@ def test_suite_measures_all_four_and_writes_json_and_table(tmp_path: Path, cache
     command = [
         sys.executable, "-m", "benchmarks.suite", "--out", str(out), "--warmup", "2", "--windows", "2",
         "--window-steps", "3", "--repeats", "2", f"paths.cache_dir={cache_dir}", *SMALL_RUN, "data.batch_size=8",
-        "data.backend=dali", "model.channels_last=true", "optimizer.fused=true",
+        "data/loader=dali", "model.channels_last=true", "optimizer.fused=true",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     config = report["config"]
-    assert (config["model"], config["batch"], config["image_size"], config["data_backend"]) == (
+    assert (config["model"], config["batch"], config["image_size"], config["data_loader"]) == (
         "resnet18",
         8,
         32,
-        "dali",
+        "DaliLoaders",
     )
     assert config["channels_last"] is True and config["optimizer_fused"] is True and config["device"] == "cpu"
     assert list(report["results"]) == list(MEASUREMENTS)

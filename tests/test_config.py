@@ -18,6 +18,7 @@ from .conftest import PROJECT_ROOT, run_train
 
 EXPERIMENTS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "model").glob("[!_]*.yaml"))
+CLASSES = [f"n{i:08d}" for i in range(1000)]  # a class index of 1000 wnids
 ON_THIS_MACHINE = [] if torch.cuda.is_available() else ["trainer.accelerator=cpu"]
 
 
@@ -33,7 +34,7 @@ def test_every_architecture_has_a_model_config():
 def test_experiment_instantiates(make_cfg, experiment):
     cfg = make_cfg(f"experiment={experiment}", "data.root=/datasets/ILSVRC2012", *ON_THIS_MACHINE)
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, num_classes=1000)
+    module = instantiate(cfg.model, classes=CLASSES)
     trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.callbacks), logger=instantiate_all(cfg.logger))
     assert isinstance(module, ImageClassifier) and isinstance(trainer, pl.Trainer)
     assert datamodule.batch_size == cfg.data.batch_size
@@ -44,7 +45,7 @@ def test_resnet50_recipe(make_cfg):
     cfg = make_cfg("experiment=resnet50", "data.root=x")
     assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 1e-4)
     assert list(cfg.scheduler.milestones) == [30, 60, 80] and cfg.trainer.max_epochs == 90
-    assert cfg.model.lr_reference_batch == 256
+    assert cfg.lr_reference_batch == 256
 
 
 def test_resnet50_fast_recipe(make_cfg):
@@ -57,7 +58,7 @@ def test_resnet50_fast_recipe(make_cfg):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_model_matches_torchvision(make_cfg, arch):
     cfg = make_cfg(f"model={arch}")
-    module = instantiate(cfg.model, num_classes=1000)
+    module = instantiate(cfg.model, classes=CLASSES)
     reference = torchvision.models.get_model(arch, num_classes=1000)
     assert type(module.net) is type(reference)
     assert n_parameters(module.net) == n_parameters(reference)
@@ -68,16 +69,19 @@ def test_published_parameter_counts(arch, expected):
     assert n_parameters(build_net(arch, num_classes=1000)) == expected
 
 
-def test_num_classes_comes_from_the_data(make_cfg, small_demo_root):
+def test_classes_come_from_the_data(make_cfg, small_demo_root):
     cfg = make_cfg("model=resnet18", f"data.root={small_demo_root}")
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, num_classes=datamodule.num_classes)
-    assert module.net.fc.out_features == 4
+    module = instantiate(cfg.model, classes=datamodule.classes, image_spec=datamodule.spec)
+    assert module.net.fc.out_features == 4 and module.classes == sorted(
+        p.name for p in (small_demo_root / "train").iterdir()
+    )
+    assert module.image_spec == datamodule.spec and module.image_spec.image_size == 64  # the demo's
 
 
 def test_zero_init_residual_and_channels_last(make_cfg):
     cfg = make_cfg("model=resnet50", "model.net.zero_init_residual=true", "model.channels_last=true")
-    module = instantiate(cfg.model, num_classes=10)
+    module = instantiate(cfg.model, classes=CLASSES[:10])
     assert all(torch.all(block.bn3.weight == 0) for block in module.net.modules() if hasattr(block, "bn3"))
     assert module.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="ResNets only"):

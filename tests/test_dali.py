@@ -11,12 +11,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 
-from data import dali, torchvision_backend
-from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, Split, load_layout
+from data.dali import DaliLoaders
+from data.ilsvrc import Split, load_layout
+from data.placement import Placement, Shard
+from data.spec import ConfigError
+from tests.loaders import loader, small_spec, unnormalised
 from train import train
 
 from .conftest import PROJECT_ROOT, SHARED_DATA, SMALL_RUN, run_train
@@ -27,8 +28,16 @@ def _identified(paths: list[str]) -> Split:
     return Split(paths, list(range(len(paths))))
 
 
-def _ids(loader) -> list[int]:
-    return [int(i) for _, labels in loader for i in labels]
+def _ids(batches) -> list[int]:
+    return [int(i) for _, labels in batches for i in labels]
+
+
+def _train(split: Split, shard: Shard | None = None):
+    return loader("dali", split, train=True, batch_size=8, spec=small_spec(), shard=shard or Shard())
+
+
+def _val(split: Split, shard: Shard):
+    return loader("dali", split, train=False, batch_size=8, spec=small_spec(32, 36), shard=shard)
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +48,13 @@ def odd_split(small_demo_root: Path) -> Split:
 
 def test_train_batches_are_normalised_channels_last_rgb(small_demo_root: Path):
     split = load_layout(small_demo_root).train
-    loader = dali.train_loader(split, 16, 32, (0.35, 1.0), 2, rank=0, world_size=1, seed=0, device="cpu", device_id=0)
-    images, labels = next(iter(loader))
+    batches = loader("dali", split, train=True, batch_size=16, spec=small_spec(), placement=Placement(workers=2))
+    images, labels = next(iter(batches))
     assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
     assert images.is_contiguous(memory_format=torch.channels_last)
     assert labels.shape == (16,) and set(labels.tolist()) <= {0, 1, 2, 3}
     assert -2.2 < images.min() < -1.0 and 1.5 < images.max() < 2.7  # ImageNet-normalised 0..255 pixels
-    assert len(loader) == 240 // 16
+    assert len(batches) == 240 // 16
 
 
 def _crop_offset(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[int, int] | None:
@@ -68,17 +77,16 @@ def test_val_matches_the_torchvision_backend(small_demo_root: Path, source: str)
         if not samples:
             pytest.skip("../shared/data/imagenet-samples is absent")
         split = _identified(samples)
-    theirs = torchvision_backend.val_loader(split, 8, 56, 64, 0, rank=0, world_size=1, pin_memory=False)
-    ours = dali.val_loader(split, 8, 56, 64, 2, rank=0, world_size=1, device="cpu", device_id=0)
-    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
+    spec = small_spec(56, 64)
+    theirs = loader("torchvision", split, train=False, batch_size=8, spec=spec, placement=Placement())
+    ours = loader("dali", split, train=False, batch_size=8, spec=spec, placement=Placement(workers=2))
     pairs = list(zip(theirs, ours))
     assert len(pairs) == len(theirs) == len(ours)
     offsets = []
     for (reference, reference_labels), (images, labels) in pairs:
         assert torch.equal(labels.long(), torch.as_tensor(reference_labels))
         assert images.shape == reference.shape
-        offsets += [_crop_offset(image, pixels) for image, pixels in zip(images * std + mean, reference.float())]
+        offsets += [_crop_offset(image, pixels) for image, pixels in zip(unnormalised(images, spec), reference.float())]
     assert None not in offsets
     assert (0, 0) in offsets and len(offsets) == len(split)
 
@@ -87,7 +95,7 @@ def test_two_shards_partition_each_epoch(odd_split: Split):
     """Every epoch: both ranks the same number of batches, disjoint shards, and a fresh global permutation, so a
     rank's shard is a new random half of the set (a fixed split that the ranks swap, or that each rank reshuffles
     in place, would keep its halves apart)."""
-    loaders = [dali.train_loader(odd_split, 8, 32, (0.35, 1.0), 1, r, 2, 0, "cpu", 0) for r in (0, 1)]
+    loaders = [_train(odd_split, Shard(r, 2)) for r in (0, 1)]
     assert [len(loader) for loader in loaders] == [14, 14]  # floor(floor(239 / 2) / 8) on both ranks
     epochs = []
     for _ in range(3):
@@ -105,23 +113,23 @@ def test_two_shards_partition_each_epoch(odd_split: Split):
 
 def test_mid_epoch_state_of_another_world_size_is_refused(odd_split: Split):
     """DALI's reader state is per rank: a checkpoint of 2 ranks cannot resume exactly on 1, and says so."""
-    loader = dali.train_loader(odd_split, 8, 32, (0.35, 1.0), 1, 0, 1, 0, "cpu", 0)
-    (state,) = loader.state_dict()["dali_epoch_start"]
+    batches = _train(odd_split)
+    (state,) = batches.state_dict()["dali_epoch_start"]
     with pytest.raises(ValueError, match="reader state of 2 ranks, this run has 1: resume mid-epoch with the same"):
-        loader.load_state_dict({"dali_epoch_start": [state, state]})
-    loader.load_state_dict({"dali_epoch_start": [state]})
+        batches.load_state_dict({"dali_epoch_start": [state, state]})
+    batches.load_state_dict({"dali_epoch_start": [state]})
 
 
 def test_val_counts_every_image_once_over_two_ranks(odd_split: Split):
-    shards = [_ids(dali.val_loader(odd_split, 8, 32, 36, 1, r, 2, "cpu", 0)) for r in (0, 1)]
+    shards = [_ids(_val(odd_split, Shard(r, 2))) for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == list(range(239))
-    again = [_ids(dali.val_loader(odd_split, 8, 32, 36, 1, r, 2, "cpu", 0)) for r in (0, 1)]
+    again = [_ids(_val(odd_split, Shard(r, 2))) for r in (0, 1)]
     assert again == shards
 
 
 def test_epochs_keep_their_length_whatever_the_trainer_does(odd_split: Split):
     def make():
-        return dali.train_loader(odd_split, 8, 32, (0.35, 1.0), 1, 0, 1, 0, "cpu", 0)
+        return _train(odd_split)
 
     uninterrupted = make()
     epochs = [_ids(uninterrupted) for _ in range(3)]
@@ -140,7 +148,7 @@ def test_trainer_epochs_with_dali(make_cfg, tmp_path: Path):
 
     cfg = make_cfg(
         *SMALL_RUN,
-        "data.backend=dali",
+        "data/loader=dali",
         "trainer.max_epochs=3",
         "+trainer.limit_val_batches=2",
         "+trainer.num_sanity_val_steps=2",
@@ -156,9 +164,10 @@ def test_trainer_epochs_with_dali(make_cfg, tmp_path: Path):
 
 @pytest.mark.gpu
 def test_mixed_decoding_on_the_gpu_matches_the_cpu_pipeline(small_demo_root: Path):
-    split = load_layout(small_demo_root).val
-    on_gpu = dali.val_loader(split, 8, 32, 36, 2, 0, 1, "mixed", torch.cuda.current_device())
-    on_cpu = dali.val_loader(split, 8, 32, 36, 2, 0, 1, "cpu", 0)
+    split, spec = load_layout(small_demo_root).val, small_spec(32, 36)
+    gpu = Placement(torch.device("cuda", torch.cuda.current_device()), workers=2)
+    on_gpu = loader("dali", split, train=False, batch_size=8, spec=spec, placement=gpu, device="mixed")
+    on_cpu = loader("dali", split, train=False, batch_size=8, spec=spec, placement=Placement(workers=2))
     for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(on_gpu, on_cpu):
         assert gpu_images.is_cuda and gpu_images.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(gpu_labels.cpu(), cpu_labels)
@@ -176,7 +185,7 @@ def test_mid_epoch_resume_replays_the_exact_samples_on_two_ranks(tmp_path: Path,
     also in the epoch after the resumed one."""
     run = [
         *SMALL_RUN,
-        f"data.backend={backend}",
+        f"data/loader={backend}",
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
@@ -229,7 +238,7 @@ def test_two_nodes_shard_by_global_rank(tmp_path: Path, cache_dir: Path, small_d
     recorded = tmp_path / "samples"
     run = [
         *SMALL_RUN,
-        "data.backend=dali",
+        "data/loader=dali",
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=1",
@@ -264,9 +273,9 @@ def test_two_nodes_shard_by_global_rank(tmp_path: Path, cache_dir: Path, small_d
 
 
 def test_half_precision_output(small_demo_root: Path):
-    split = load_layout(small_demo_root).val
-    images, _ = next(iter(dali.val_loader(split, 8, 32, 36, 1, 0, 1, "cpu", 0, output_dtype="float16")))
-    reference, _ = next(iter(dali.val_loader(split, 8, 32, 36, 1, 0, 1, "cpu", 0)))
+    split, spec = load_layout(small_demo_root).val, small_spec(32, 36)
+    images, _ = next(iter(loader("dali", split, train=False, batch_size=8, spec=spec, output_dtype="float16")))
+    reference, _ = next(iter(loader("dali", split, train=False, batch_size=8, spec=spec)))
     assert images.dtype == torch.float16 and images.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(images.float(), reference, atol=2e-3)
 
@@ -277,7 +286,7 @@ def test_val_metrics_over_two_ranks_equal_one_rank(tmp_path: Path, backend: str)
     """The same weights validated by 1 and by 2 ranks over 39 images: 20 and 19 per rank, nothing padded."""
     run = [
         *SMALL_RUN,
-        f"data.backend={backend}",
+        f"data/loader={backend}",
         "data.root.num_classes=3",
         "data.root.val_per_class=13",
         "trainer.max_epochs=1",
@@ -306,13 +315,15 @@ def test_val_metrics_over_two_ranks_equal_one_rank(tmp_path: Path, backend: str)
 
 
 @pytest.mark.parametrize(
-    ("decoder", "precision", "dtype"),
-    [("cpu", "bf16-mixed", "float32"), ("mixed", "bf16-mixed", "float16"), ("mixed", "32-true", "float32")],
+    ("device", "precision", "dtype"),
+    [("cpu", "bf16-mixed", "float32"), ("cuda", "bf16-mixed", "float16"), ("cuda", "32-true", "float32")],
 )
-def test_auto_output_dtype_is_half_for_gpu_decoding_in_16_bit_runs(make_cfg, decoder, precision, dtype):
+def test_auto_output_dtype_is_half_for_gpu_decoding_in_16_bit_runs(device, precision, dtype):
     """float16 halves what a GPU pipeline writes; on the CPU the conversion costs more than the bytes it saves."""
-    cfg = make_cfg("data=imagenet_dali", "data.root=/datasets/ILSVRC2012", f"data.dali_device={decoder}")
-    datamodule = instantiate(cfg.data)
-    datamodule.trainer = pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False)
-    datamodule.rank_cpus = [0]  # the GPU's cores need a GPU; not what this test is about
-    assert datamodule._dali_options()["output_dtype"] == dtype
+    placement = Placement(torch.device(device, 0 if device == "cuda" else None), precision=precision)
+    assert DaliLoaders().image_dtype(placement) == dtype
+
+
+def test_gpu_decoding_without_a_gpu_is_refused():
+    with pytest.raises(ConfigError, match="data.loader.device='mixed' is not allowed: cpu or auto on this rank"):
+        DaliLoaders("mixed").decoder(Placement())

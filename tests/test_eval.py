@@ -15,7 +15,8 @@ from torchvision.transforms import v2
 
 from callbacks.error_analysis import analyse, format_report
 from data.demo import ensure_demo_dataset
-from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, load_layout, wordnet_names
+from data.ilsvrc import load_layout, wordnet_names
+from data.spec import ImageSpec
 from tests.conftest import PROJECT_ROOT, SMALL_DEMO, SMALL_RUN, run_train
 
 
@@ -60,7 +61,7 @@ def _ten_crop_top1(run: Path, cache: Path) -> float:
     net.eval()
     val = load_layout(ensure_demo_dataset(cache, **SMALL_DEMO)).val
     crops = v2.Compose([v2.Resize(36, antialias=True), v2.TenCrop(32)])
-    mean, std = torch.tensor(PIXEL_MEAN).view(3, 1, 1), torch.tensor(PIXEL_STD).view(3, 1, 1)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (ImageSpec().mean, ImageSpec().std))
     correct = 0
     with torch.no_grad():
         for path, label in zip(val.paths, val.labels):
@@ -71,7 +72,7 @@ def _ten_crop_top1(run: Path, cache: Path) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", [["data.val_crops=10"], ["data.backend=dali"]], ids=["ten-crop", "dali"])
+@pytest.mark.parametrize("protocol", [["data.val_crops=10"], ["data/loader=dali"]], ids=["ten-crop", "dali"])
 def test_two_ranks_give_the_figures_of_one(trained, tmp_path: Path, protocol: list[str]):
     run, cache = trained
     ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"

@@ -25,13 +25,13 @@ def test_dry_run_benchmarks_every_model_with_the_gpu_fast_path(tmp_path: Path):
     for model, batch in MODELS.items():
         report = json.loads((out / model / "bench.json").read_text())
         config = report["config"]
-        assert (config["model"], config["batch"], config["data_backend"]) == (model, batch, "dali")
+        assert (config["model"], config["batch"], config["data_loader"]) == (model, batch, "DaliLoaders")
         assert config["channels_last"] is True and config["optimizer_fused"] is True
         assert list(report["results"]) == ["data", "synthetic", "trainer", "loop"]
         assert all(r["images_per_s"] > 0 and r["timed_steps"] == 4 for r in report["results"].values())
         assert report["trainer_vs_loop"] > 0
     hw = json.loads((out / "resnet50-data-hw0.9" / "bench.json").read_text())
-    assert list(hw["results"]) == ["data"] and hw["resolved_config"]["data"]["dali_hw_decoder_load"] == 0.9
+    assert list(hw["results"]) == ["data"] and hw["resolved_config"]["data"]["loader"]["hw_decoder_load"] == 0.9
     pipelines = json.loads((out / "data-pipelines.json").read_text())
     assert [name.split(" (")[0] for name in pipelines][:4] == PIPELINES and len(pipelines) == 4
     assert all(len(rates["runs"]) == 1 and rates["median"] > 0 for rates in pipelines.values())

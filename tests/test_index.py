@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data import dali, torchvision_backend
-from data.ilsvrc import PIXEL_MEAN, PIXEL_STD, Split, load_layout
+from data.ilsvrc import Split, load_layout
 from data.index import IndexCache, indexed_layout
 from train import train
 
 from .conftest import SMALL_RUN
+from .loaders import loader, small_spec, unnormalised
 
 BROKEN = {
     "empty.JPEG": "empty file",
@@ -110,13 +110,9 @@ def test_index_cache_rechecks_only_changed_files(seeded_root: Path, tmp_path: Pa
 def test_oddities_decode_to_rgb(seeded_root: Path, backend: str):
     folder = next((seeded_root / "train").iterdir())
     split = Split([str(folder / name) for name in ODDITIES], list(range(len(ODDITIES))))
-    if backend == "dali":
-        batches = dali.val_loader(split, 4, 64, 64, 1, 0, 1, "cpu", 0)
-        images, labels = next(iter(batches))
-        images = images * torch.tensor(PIXEL_STD).view(1, 3, 1, 1) + torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
-    else:
-        images, labels = next(iter(torchvision_backend.val_loader(split, 4, 64, 64, 0, 0, 1, False)))
-        images = images.float()
+    spec = small_spec(64)
+    images, labels = next(iter(loader(backend, split, train=False, batch_size=4, spec=spec)))
+    images = unnormalised(images, spec) if backend == "dali" else images.float()
     assert images.shape == (4, 3, 64, 64) and labels.tolist() == [0, 1, 2, 3]
     gray, cmyk, png, progressive = images
     assert torch.allclose(gray[0], gray[1], atol=2) and torch.allclose(gray[1], gray[2], atol=2)
@@ -131,7 +127,7 @@ def test_training_runs_over_the_indexed_files(make_cfg, seeded_root: Path):
     every good val image, exactly."""
     from tests.observers import BatchCounter
 
-    overrides = ["data.backend=dali", "data.batch_size=4", "trainer.max_epochs=1", "+trainer.num_sanity_val_steps=0"]
+    overrides = ["data/loader=dali", "data.batch_size=4", "trainer.max_epochs=1", "+trainer.num_sanity_val_steps=0"]
     counter = ["+callbacks.counter._target_=tests.observers.BatchCounter"]
     train(make_cfg(*SMALL_RUN, f"data.root={seeded_root}", *overrides, *counter))
     assert BatchCounter.last.train_samples_per_epoch == [240 + len(ODDITIES)]
@@ -141,7 +137,7 @@ def test_training_runs_over_the_indexed_files(make_cfg, seeded_root: Path):
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_a_file_broken_after_indexing_stops_the_run_naming_it(make_cfg, seeded_root: Path, backend: str):
     cfg = make_cfg(
-        *SMALL_RUN, f"data.root={seeded_root}", f"data.backend={backend}", "data.index=none", "trainer.max_epochs=1"
+        *SMALL_RUN, f"data.root={seeded_root}", f"data/loader={backend}", "data.index=none", "trainer.max_epochs=1"
     )
     broken = r"(train/n\d{8}/(empty|truncated|random_bytes|text)|val/ILSVRC2012_val_0000000[12])\.JPEG"
     with pytest.raises(Exception, match=broken):

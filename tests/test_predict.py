@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from data.ilsvrc import wordnet_names
+from models.classifier import CARD
 from tests.conftest import PROJECT_ROOT, SHARED_DATA
 
 SAMPLES = SHARED_DATA / "imagenet-samples"
@@ -19,8 +20,8 @@ SAMPLES = SHARED_DATA / "imagenet-samples"
 
 def save_checkpoint(make_cfg, wnids: list[str], path: Path) -> Path:
     """A ResNet-18 checkpoint in the project's format (randomly initialised) for these classes."""
-    module = instantiate(make_cfg().model, num_classes=len(wnids))
-    torch.save({"state_dict": module.state_dict(), "ImageNetDataModule": {"wnids": wnids}}, path)
+    module = instantiate(make_cfg().model, classes=wnids)
+    torch.save({"state_dict": module.state_dict(), CARD: {"classes": wnids, "image_spec": None}}, path)
     return path
 
 
@@ -29,7 +30,7 @@ def predict(*overrides: str, cache_dir: Path, run_dir: Path) -> subprocess.Compl
     return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
 
 
-SMALL_IMAGES = ["data.image_size=64", "data.val_resize_size=73", "data.batch_size=100", "data.num_workers=2"]
+SMALL_IMAGES = ["data.spec.image_size=64", "data.spec.val_resize_size=73", "data.batch_size=100", "data.num_workers=2"]
 
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"{SAMPLES} is absent")

@@ -156,7 +156,7 @@ def test_signalled_job_saves_requeues_and_resumes_in_mid_epoch(cluster, tmp_path
         tmp_path,
         "single_node.sbatch",
         f"trainer.max_epochs={epochs}",
-        "data.backend=dali",
+        "data/loader=dali",
         "+callbacks.steps._target_=tests.observers.StepLog",
         f"+callbacks.steps.folder={steps}",
         "logger=[csv,wandb]",

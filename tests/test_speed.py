@@ -75,17 +75,17 @@ def test_gpu_preset_switches_reach_the_model(make_cfg, small_demo_root, monkeypa
     cfg = make_cfg(
         "experiment=resnet50_fast",
         "trainer.accelerator=cpu",  # the rest of trainer=gpu as it is: bf16-mixed, cudnn benchmark
-        "data.dali_output_dtype=float16",
+        "data.loader.output_dtype=float16",
         f"data.root={small_demo_root}",
-        "data.image_size=32",
-        "data.val_resize_size=36",
+        "data.spec.image_size=32",
+        "data.spec.val_resize_size=36",
         "data.batch_size=16",
         "data.index=none",
         "+trainer.max_steps=3",
         "+trainer.limit_val_batches=1",
         "trainer.enable_progress_bar=false",
     )
-    assert cfg.data.backend == "dali" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.data.loader._target_ == "data.dali.DaliLoaders" and cfg.trainer.precision == "bf16-mixed"
     probe = FastPathProbe()
     monkeypatch.setattr("train.instantiate_all", _with(probe))
     train(cfg)
@@ -119,8 +119,8 @@ def test_gpu_training_steps_do_not_synchronise(make_cfg, small_demo_root, monkey
         "experiment=resnet50_fast",
         "model=resnet18",
         f"data.root={small_demo_root}",
-        "data.image_size=32",
-        "data.val_resize_size=36",
+        "data.spec.image_size=32",
+        "data.spec.val_resize_size=36",
         "data.batch_size=16",
         "data.index=none",
         "trainer.max_epochs=1",

@@ -7,22 +7,31 @@ from pathlib import Path
 
 import torch
 
-from data import torchvision_backend
 from data.ilsvrc import Split, load_layout
+from data.placement import Placement, Shard
+from tests.loaders import loader, small_spec
 
 
 def test_two_shards_cover_the_set_with_a_fresh_permutation_each_epoch(small_demo_root: Path):
     paths = load_layout(small_demo_root).train.paths[:239]
     split = Split(paths, list(range(len(paths))))  # label = position: every sample can be told apart
     loaders = [
-        torchvision_backend.train_loader(split, 8, 16, (0.35, 1.0), 0, rank, 2, 0, False, trained_batches=lambda: 0)
+        loader(
+            "torchvision",
+            split,
+            train=True,
+            batch_size=8,
+            spec=small_spec(16),
+            shard=Shard(rank, 2),
+            placement=Placement(),
+        )
         for rank in (0, 1)
     ]
     epochs = []
     for epoch in range(3):
-        for loader in loaders:
-            loader.sampler.set_epoch(epoch)  # as Lightning's fit loop does
-        shards = [[int(i) for _, labels in loader for i in labels] for loader in loaders]
+        for batches in loaders:
+            batches.sampler.set_epoch(epoch)  # as Lightning's fit loop does
+        shards = [[int(i) for _, labels in batches for i in labels] for batches in loaders]
         assert [len(shard) for shard in shards] == [120, 120]  # 239 padded to 240, 15 full batches per rank
         assert set(shards[0]) | set(shards[1]) == set(range(239))
         epochs.append(shards)
@@ -38,12 +47,12 @@ def test_each_epoch_draws_new_augmentations_and_a_rerun_the_same(small_demo_root
     paths = load_layout(small_demo_root).train.paths[:40]
     split = Split(paths, list(range(len(paths))))
 
+    spec = small_spec(16, scale=(0.1, 1.0))
+
     def crops(epoch: int) -> dict[int, torch.Tensor]:
-        loader = torchvision_backend.train_loader(
-            split, 8, 16, (0.1, 1.0), 0, 0, 1, 0, False, trained_batches=lambda: 0
-        )
-        loader.sampler.set_epoch(epoch)
-        return {int(label): image for images, labels in loader for image, label in zip(images, labels)}
+        batches = loader("torchvision", split, train=True, batch_size=8, spec=spec, placement=Placement())
+        batches.sampler.set_epoch(epoch)
+        return {int(label): image for images, labels in batches for image, label in zip(images, labels)}
 
     first, second, again = crops(0), crops(1), crops(0)
     assert first.keys() == second.keys() == set(range(40))

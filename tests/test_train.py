@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from models.classifier import CARD
 from train import train
 
 from .conftest import SMALL_RUN, run_train
@@ -19,8 +20,8 @@ LEARN = [
     *SMALL_RUN,
     "data.root.train_per_class=100",
     "data.root.short_side=64",
-    "data.image_size=48",
-    "data.val_resize_size=54",
+    "data.spec.image_size=48",
+    "data.spec.val_resize_size=54",
     "data.batch_size=25",
     "optimizer.lr=0.3",
     "trainer.max_epochs=8",
@@ -36,7 +37,7 @@ def _epoch_rows(run_dir: Path, version: int = 0) -> list[dict[str, str]]:
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_short_training_learns(make_cfg, tmp_path: Path, backend: str):
     """Learning is the outcome that shows images, labels and augmentation line up, through either loader."""
-    metrics = train(make_cfg(*LEARN, f"data.backend={backend}"))
+    metrics = train(make_cfg(*LEARN, f"data/loader={backend}"))
     epochs = _epoch_rows(tmp_path / "run")
     assert len(epochs) == 8
     assert float(epochs[-1]["train/loss_epoch"]) < 0.8 * float(epochs[0]["train/loss_epoch"])
@@ -76,12 +77,15 @@ def test_resume_equals_uninterrupted(make_cfg, tmp_path: Path, precision: str):
 
 
 def test_resuming_on_a_dataset_of_other_classes_is_refused(make_cfg):
-    """The checkpoint's class index (wnid per output) must be the dataset's: another would relabel every class."""
-    datamodule = instantiate(make_cfg(*SMALL_RUN).data)
-    own = list(datamodule.layout.wnids)
-    datamodule.load_state_dict({"wnids": own})
-    with pytest.raises(ValueError, match="trained on other classes than .* holds"):
-        datamodule.load_state_dict({"wnids": own[1:] + own[:1]})  # the same classes in another order
+    """The checkpoint's class index (wnid per output) must be the data's: another would relabel every class."""
+    cfg = make_cfg(*SMALL_RUN)
+    module = instantiate(cfg.model, classes=instantiate(cfg.data).classes)
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    module.on_load_checkpoint(checkpoint)  # its own classes
+    own = checkpoint[CARD]["classes"]
+    with pytest.raises(ValueError, match="trained on other classes than the data holds"):
+        module.on_load_checkpoint({CARD: {"classes": own[1:] + own[:1]}})  # the same classes in another order
 
 
 @pytest.mark.slow

@@ -1,0 +1,58 @@
+"""Where each rank reads and makes its pixels: its shard of the data, its device, its data threads and cores, and the
+run's precision. Decided once per run, when Lightning sets the datamodule up, and handed to the loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+
+from data import affinity
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rank ``rank`` of ``world_size`` reads its own part of each split."""
+
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``device``: where batches go (the rank's GPU, or the CPU); ``workers``: DataLoader workers or DALI threads;
+    ``cpus``: the cores the rank's data threads may use (empty: not pinned); ``precision``: Lightning's setting."""
+
+    device: torch.device = torch.device("cpu")
+    workers: int = 0
+    cpus: tuple[int, ...] = ()
+    precision: str = "32-true"
+
+    @property
+    def half_dtype(self) -> torch.dtype | None:
+        return half_dtype(self.precision)
+
+
+def half_dtype(precision: str | int) -> torch.dtype | None:
+    """The 16-bit dtype a Lightning precision setting computes in (``bf16-mixed`` -> bfloat16), None for 32/64 bits."""
+    return {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0])
+
+
+def shard_of(trainer: pl.Trainer | None) -> Shard:
+    """This process's shard, from the Trainer's public ranks (global rank: one shard per process of every node)."""
+    return Shard(trainer.global_rank, trainer.world_size) if trainer is not None else Shard()
+
+
+def placement_of(trainer: pl.Trainer | None, num_workers: int | str) -> Placement:
+    """The rank's device and precision from the Trainer, and its share of the node's cores (data/affinity.py), those
+    near its GPU first; ``num_workers`` as configured, or ``auto``: those cores less one."""
+    if trainer is None:
+        device, local_rank, local_world, precision = torch.device("cpu"), 0, 1, "32-true"
+    else:
+        device, local_rank = trainer.strategy.root_device, trainer.local_rank
+        local_world, precision = trainer.num_devices, str(trainer.precision)
+    near = affinity.gpu_local_cpus(device.index) if device.type == "cuda" else None
+    cpus = affinity.rank_cpus(local_rank, local_world, near)
+    return Placement(device, affinity.data_workers(num_workers, cpus), tuple(cpus), precision)
