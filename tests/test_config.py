@@ -14,7 +14,7 @@ from models.classifier import ImageClassifier
 from models.zoo import ARCHITECTURES, build_net
 from train import instantiate_all
 
-from .conftest import PROJECT_ROOT, run_train
+from .conftest import PROJECT_ROOT, SMALL_RUN, run_train
 
 EXPERIMENTS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "model").glob("[!_]*.yaml"))
@@ -107,3 +107,31 @@ def test_bad_override_fails_before_training(tmp_path: Path, override, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "cache").exists(), "nothing may run before the config is valid"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batch_size=0", "data.batch_size=0 is not allowed: a whole number of images per device, >= 1"),
+        ("data.batch_size=-4", "data.batch_size=-4 is not allowed"),
+        ("data.batch_size=5000", "data.batch_size=5000 is not allowed: at most 240: each of the 1 rank(s) gets 240"),
+        ("data.spec.train_crop_scale=[0.9,0.1]", "data.spec.train_crop_scale=[0.9, 0.1] is not allowed: [low, high]"),
+        ("data.spec.val_resize_size=16", "data.spec.val_resize_size=16 is not allowed: a whole number >= data.spec"),
+        ("data.spec.orientation=upright", "data.spec.orientation='upright' is not allowed: stored or exif"),
+        ("data.val_crops=5", "data.val_crops=5 is not allowed: 1 or 10"),
+        (
+            "data.backend=dali",
+            "data.backend='dali' is not allowed: null (removed): choose the loader with data/loader=dali",
+        ),
+        ("data.loader.device=gpu", None),  # the torchvision loader has no such key: Hydra names it
+    ],
+)
+def test_bad_data_value_stops_before_training_naming_key_value_and_what_is_allowed(
+    tmp_path: Path, cache_dir: Path, override: str, message: str | None
+):
+    """Values a new user tries: each stops the run before a step is trained, with the key, the value and what is
+    allowed (a batch larger than a rank's share of the train set included: it would leave every epoch empty)."""
+    result = run_train(*SMALL_RUN, override, cache_dir=cache_dir, run_dir=tmp_path / "run", timeout=300)
+    assert result.returncode != 0
+    assert (message or "Key 'device' is not in struct") in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
