@@ -1,8 +1,11 @@
 """Evaluate a checkpoint on the val split: top-1/top-5 accuracy and error, single- or ten-crop, with an error
 analysis in WordNet terms (callbacks/error_analysis.py).
 
-python eval.py ckpt=outputs/train/<run>/checkpoints/last.ckpt                   # the demo run's model (resnet18)
-python eval.py experiment=resnet50 data.root=/datasets/ILSVRC2012 ckpt=... data.val_crops=10 trainer.devices=8
+python eval.py ckpt=outputs/train/<run>/checkpoints/last.ckpt                   # a demo run's model
+python eval.py data=imagenet_dali data.root=/datasets/ILSVRC2012 ckpt=... trainer=gpu trainer.devices=8
+python eval.py data.root=/datasets/ILSVRC2012 ckpt=... data.val_crops=10        # ten crops (torchvision loader)
+
+The architecture and the image spec come from the checkpoint; an override of either is logged where it differs.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from callbacks.error_analysis import ErrorAnalysis
+from models.card import ModelCard, configured_by_card
 from models.export import load_weights_only
 from train import instantiate_all
 
@@ -21,16 +25,23 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Validation metrics of ``cfg.ckpt`` (loaded weights-only) under ``cfg.data``; writes the report."""
+    """Validation metrics of ``cfg.ckpt`` (loaded weights-only) with its architecture and image spec, on the val
+    split of ``cfg.data``; writes the report."""
+    checkpoint = load_weights_only(cfg.ckpt)
+    card = ModelCard.of_checkpoint(checkpoint, cfg.ckpt)
+    cfg = configured_by_card(cfg, card)
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, classes=datamodule.classes, image_spec=datamodule.spec)
-    state = load_weights_only(cfg.ckpt)["state_dict"]
+    if tuple(datamodule.classes) != card.classes:
+        raise ValueError(
+            f"{cfg.ckpt} was trained on {len(card.classes)} classes, {datamodule.root} holds {len(datamodule.classes)} "
+            "others (or in another order): evaluate on the dataset it was trained on"
+        )
+    module = instantiate(cfg.model, _partial_=True)(card=card)
     try:
-        module.load_state_dict(state)
+        module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
         raise ValueError(
-            f"{cfg.ckpt} does not fit model={cfg.model.net.arch} with {len(datamodule.classes)} classes: pass the "
-            f"model= of the run that wrote it (its .hydra/config.yaml)\n{str(error)[:500]}"
+            f"{cfg.ckpt} does not fit model.net.arch={cfg.model.net.arch}: drop the model override\n{str(error)[:500]}"
         ) from None
     trainer = instantiate(cfg.trainer, callbacks=[ErrorAnalysis(cfg.report_dir)], logger=instantiate_all(cfg.logger))
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)

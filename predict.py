@@ -21,7 +21,7 @@ from data import affinity
 from data.ilsvrc import IMAGE_SUFFIXES, wordnet_names
 from data.spec import ImageSpec
 from data.torchvision_backend import decode, val_transform
-from models.classifier import CARD
+from models.card import ModelCard, configured_by_card
 from models.export import load_weights_only
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -58,11 +58,10 @@ class Images(Dataset):
 def predictions(cfg: DictConfig) -> Iterator[tuple[Path, list[tuple[float, str, str]] | None, str | None]]:
     """Per file: its top-k (probability, wnid, name), or None and the reason it could not be read."""
     checkpoint = load_weights_only(cfg.ckpt)
-    wnids = checkpoint.get(CARD, {}).get("classes")
-    if wnids is None:
-        raise ValueError(f"{cfg.ckpt} holds no class index ({CARD!r}; written by an older version): re-save it")
-    spec = instantiate(cfg.data.spec)
-    module = instantiate(cfg.model, classes=wnids)
+    card = ModelCard.of_checkpoint(checkpoint, cfg.ckpt)
+    cfg = configured_by_card(cfg, card)
+    spec, wnids = instantiate(cfg.data.spec), card.classes
+    module = instantiate(cfg.model, _partial_=True)(card=card)
     module.load_state_dict(checkpoint["state_dict"])
     module.eval()
     names = wordnet_names()

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from data.ilsvrc import mistake_severity
 
 log = logging.getLogger(__name__)
+PREDICTIONS = "predictions.tsv"
 
 
 class ErrorAnalysis(pl.Callback):
@@ -21,7 +22,8 @@ class ErrorAnalysis(pl.Callback):
     writes ``report.json`` and ``report.txt`` to ``folder``: top-1/top-5 accuracy and error, per-class top-1 with
     names, the most confused pairs, and the severity of mistakes in WordNet (Bertinetto et al. 2020: the height of
     the lowest common ancestor of the true and the predicted class, averaged over top-1 mistakes, and over the
-    top-k predictions of every image as the hierarchical distance@k). The figures also go to the loggers."""
+    top-k predictions of every image as the hierarchical distance@k); and ``predictions.tsv``, every image's
+    top-5 classes with their probabilities, in the split's order. The figures also go to the loggers."""
 
     def __init__(self, folder: str, top_confusions: int = 20) -> None:
         self.folder, self.top_confusions = Path(folder), top_confusions
@@ -30,22 +32,35 @@ class ErrorAnalysis(pl.Callback):
         self.top5, self.labels = [], []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.top5.append(outputs.topk(min(5, outputs.shape[1]), dim=1).indices)
+        self.top5.append(outputs.softmax(-1).topk(min(5, outputs.shape[1]), dim=1))  # log-probabilities too
         self.labels.append(batch[1])
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        top5, labels = torch.cat(self.top5).cpu(), torch.cat(self.labels).cpu()
+        datamodule = trainer.datamodule
+        order = torch.as_tensor(datamodule.val_order())  # which image of the split each of this rank's rows is
+        top5 = torch.cat([t.indices for t in self.top5]).cpu()
+        probabilities = torch.cat([t.values for t in self.top5]).float().cpu()
+        labels = torch.cat(self.labels).cpu()
+        rows = (order, top5, probabilities, labels)
         if trainer.world_size > 1:  # ranks hold different counts: gather as objects
             gathered = [None] * trainer.world_size
-            dist.all_gather_object(gathered, (top5, labels))
-            top5, labels = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+            dist.all_gather_object(gathered, rows)
+            rows = tuple(torch.cat(parts) for parts in zip(*gathered))
         if not trainer.is_global_zero:
             return
-        layout = trainer.datamodule.layout
+        order, top5, probabilities, labels = (part[rows[0].argsort()] for part in rows)
+        layout = datamodule.layout
         report = analyse(top5, labels, layout.wnids, layout.names, self.top_confusions)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "report.json").write_text(json.dumps(report, indent=1))
         (self.folder / "report.txt").write_text(format_report(report))
+        lines = [
+            "\t".join(
+                [layout.val.paths[i], layout.wnids[label], *(f"{layout.wnids[c]} {p:.6f}" for c, p in zip(cs, ps))]
+            )
+            for i, label, cs, ps in zip(order.tolist(), labels.tolist(), top5.tolist(), probabilities.tolist())
+        ]
+        (self.folder / PREDICTIONS).write_text("path\tlabel\ttop-5 (wnid probability)\n" + "\n".join(lines) + "\n")
         log.info("Evaluation report: %s\n%s", self.folder / "report.txt", format_report(report, classes=10))
         for logger in trainer.loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in report["summary"].items()}, step=trainer.global_step)

@@ -20,7 +20,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from torchvision.transforms.v2.functional import resize
 
 from data.affinity import affinity_mask
-from data.ilsvrc import Split
+from data.ilsvrc import UNREADABLE_FILE_ADVICE, Split
 from data.placement import Placement, Shard
 from data.spec import ConfigError, ImageSpec
 
@@ -154,7 +154,10 @@ class DaliLoader:
         self.in_epoch = True
         replay, self.replay = self.replay, 0  # now: Lightning may never resume this generator after its last batch
         for index in range(self.batches_per_epoch):
-            batch = next(self.iterator)[0]
+            try:
+                batch = next(self.iterator)[0]
+            except RuntimeError as error:  # DALI names the file; say what to do about it
+                raise RuntimeError(f"{error}\n{UNREADABLE_FILE_ADVICE}") from error
             if index >= replay:
                 yield batch["images"].permute(0, 3, 1, 2), batch["labels"].view(-1)
         self._finish_epoch()
@@ -265,6 +268,11 @@ class DaliLoaders:
     def batches_per_epoch(num_images: int, batch_size: int, shard: Shard) -> int:
         """floor(floor(N / world) / batch): the smallest shard's full batches, the same count on every rank."""
         return num_images // shard.world_size // batch_size
+
+    @staticmethod
+    def val_order(num_images: int, shard: Shard) -> range:
+        """The split's images in the order this rank's val loader yields them: the reader's contiguous shard."""
+        return range(num_images * shard.rank // shard.world_size, num_images * (shard.rank + 1) // shard.world_size)
 
     def train(
         self,

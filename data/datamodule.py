@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
 from typing import Protocol
 
@@ -32,6 +32,9 @@ class Loader(Protocol):
 
     @staticmethod
     def batches_per_epoch(num_images: int, batch_size: int, shard: Shard) -> int: ...
+
+    @staticmethod
+    def val_order(num_images: int, shard: Shard) -> Sequence[int]: ...
 
     def train(
         self,
@@ -143,6 +146,10 @@ class ImageNetDataModule(pl.LightningDataModule):
             placement=self.placement,
             ten_crop=self.val_crops == 10,
         )
+
+    def val_order(self) -> Sequence[int]:
+        """Which image of the val split each of this rank's val samples is, in order."""
+        return self.loader.val_order(len(self.layout.val), self.shard)
 
     def _trained_batches(self) -> int:
         """Batches of the current epoch already trained, as the fit loop restored them from a checkpoint."""

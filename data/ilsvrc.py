@@ -24,6 +24,10 @@ VAL_SOLUTION = "LOC_val_solution.csv"
 SYNSET_MAPPING = "LOC_synset_mapping.txt"
 CLASS_TABLE = Path(__file__).with_name("ilsvrc2012_classes.tsv")
 HIERARCHY_TABLE = Path(__file__).with_name("ilsvrc2012_hierarchy.tsv")
+UNREADABLE_FILE_ADVICE = (
+    "A file that a decoder cannot read stops the run: check the dataset with `python -m data.index <data.root> "
+    "--mode full`, which leaves such files out (or train with data.index=full)"
+)
 FULL_ILSVRC2012 = {"classes": 1000, "train": 1_281_167, "val": 50_000}
 
 

@@ -6,7 +6,8 @@ folder, saved as the scan goes, so a second run, or one resumed after an interru
 
     python -m data.index /datasets/ILSVRC2012 [--mode fast|full] [--workers 16]
 
-fast: the header parses as a JPEG or PNG, and the file is whole (ends with its end marker). full: decodes it.
+fast: the header parses as a JPEG or PNG, and the file is whole (ends with its end marker, or else decodes).
+full: every loader's decoder decodes it (torchvision's and DALI's): such a file never stops a loader.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import multiprocessing
 import os
 import sys
 import time
@@ -22,40 +24,64 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image, read_file
 from tqdm import tqdm
 
 from data.ilsvrc import ILSVRCLayout, Split, load_layout
+from data.spec import ImageSpec
+from data.torchvision_backend import decode
 
 log = logging.getLogger(__name__)
 
 MODES = ("none", "fast", "full")
+FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG"}  # MPO: phones' multi-picture JPEG (a JPEG first)
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 SAVE_EVERY_S = 30.0
 
 
 def check_image(path: str, full: bool) -> str:
-    """'ok', or why the file cannot be trained on."""
+    """'ok', or why the file cannot be trained on. ``full``: every loader's decoder must decode it (torchvision's
+    and DALI's). Fast: the header parses as a JPEG or PNG and the file ends with its end marker; one whose end
+    marker is elsewhere (a trailer appended by a phone, or a truncated file) is decided by decoding it."""
     try:
         size = os.path.getsize(path)
         if size == 0:
             return "empty file"
         with Image.open(path) as image:
-            if image.format not in END_MARKERS:
+            fmt = FORMATS.get(image.format)
+            if fmt is None:
                 return f"{image.format} is not a JPEG or PNG"
-            fmt = image.format
         with open(path, "rb") as f:
             f.seek(max(0, size - 1024))  # some writers pad after the marker
-            if END_MARKERS[fmt] not in f.read():
-                return f"truncated {fmt} (no end marker)"
-        if full:
-            decode_image(read_file(path), mode=ImageReadMode.RGB)
+            ends = END_MARKERS[fmt] in f.read()
+        failure = _decoding_failure(path, with_dali=full) if full or not ends else None
+        if failure is None:
+            return "ok"
+        return failure if ends else f"truncated {fmt} (no end marker, and {failure})"
     except UnidentifiedImageError:
         return "not an image file"
-    except (OSError, RuntimeError, ValueError, SyntaxError) as error:
-        return f"cannot be decoded: {error}".replace("\t", " ").replace("\n", " ")
-    return "ok"
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"cannot be read: {error}".replace("\t", " ").replace("\n", " ")
+
+
+def _decoding_failure(path: str, with_dali: bool) -> str | None:
+    """Why a loader's decoder cannot decode the file: torchvision's (the torchvision loader, predict.py), and with
+    ``with_dali`` DALI's CPU decoder (the DALI loader); None where they all can."""
+    try:
+        decode(path, ImageSpec())
+    except RuntimeError as error:
+        return f"torchvision cannot decode it: {str(error).splitlines()[-1].split(', ')[-1]}"
+    if with_dali:
+        import nvidia.dali.experimental.dynamic as ndd  # here: a fast check need not load DALI
+        from nvidia.dali import types
+
+        data = np.fromfile(path, dtype=np.uint8)
+        try:
+            ndd.decoders.image(ndd.as_tensor(data), device="cpu", output_type=types.RGB)
+        except RuntimeError as error:
+            return f"DALI cannot decode it: {str(error).strip().splitlines()[-1]}"
+    return None
 
 
 def _check_many(paths: list[str], full: bool) -> list[str]:
@@ -94,7 +120,8 @@ def index_files(paths: list[str], cache: IndexCache, full: bool, workers: int) -
         chunks = [todo[i : i + 256] for i in range(0, len(todo), 256)]
         last_save = time.monotonic()
         with (
-            ProcessPoolExecutor(max_workers=workers) as pool,
+            # full: spawned, not forked: a forked copy of a process that runs DALI's threads can hang in DALI's decoder
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn" if full else "fork")) as pool,
             tqdm(
                 total=len(todo),
                 desc=f"Checking images ({'decode' if full else 'headers'})",

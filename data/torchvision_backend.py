@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
-from data.ilsvrc import Split
+from data.ilsvrc import UNREADABLE_FILE_ADVICE, Split
 from data.placement import Placement, Shard
 from data.spec import ImageSpec
 
@@ -66,7 +66,7 @@ class ImageFiles(Dataset):
         try:
             image = decode(path, self.spec)
         except RuntimeError as error:
-            raise RuntimeError(f"{path}: cannot be decoded ({error}); check the files with --mode full") from error
+            raise RuntimeError(f"{path}: cannot be decoded ({error})\n{UNREADABLE_FILE_ADVICE}") from error
         if seed is None:
             return self.transform(image), self.split.labels[index]
         with torch.random.fork_rng(devices=[]):  # the sample's augmentation depends on (seed, epoch, index) only
@@ -119,6 +119,11 @@ class TorchvisionLoaders:
         """Full batches per rank (the sampler pads the split to a multiple of the world size; the last partial
         batch is dropped)."""
         return math.ceil(num_images / shard.world_size) // batch_size
+
+    @staticmethod
+    def val_order(num_images: int, shard: Shard) -> range:
+        """The split's images in the order this rank's val loader yields them: every world_size-th from its rank."""
+        return range(shard.rank, num_images, shard.world_size)
 
     def train(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -10,11 +10,10 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from data.spec import ImageSpec
+from models.card import CARD, ModelCard
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
-CARD = "model_card"  # the checkpoint key of the class index and the image spec (README: Checkpoints)
 
 
 def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -27,8 +26,8 @@ def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
 class ImageClassifier(pl.LightningModule):
     """Cross-entropy classifier; top-1/top-5 accumulate on the device and are reduced across ranks per epoch.
 
-    ``classes``: the class index (output ``i`` is the wnid ``classes[i]``); with ``image_spec`` it travels in every
-    checkpoint as its model card (``CARD``), so a checkpoint names its classes and says how its images were made.
+    ``card``: the class index (output ``i`` is the wnid ``card.classes[i]``), the image spec and the architecture,
+    written into every checkpoint (models/card.py), so a checkpoint names its classes and says how it was made.
     ``optimizer`` and ``scheduler`` come ready for this run (the learning rate scaled and the steps per epoch set
     once, by ``models.recipe``). ``channels_last`` keeps weights and inputs in NHWC (what DALI outputs; the fast
     layout for convolutions on tensor cores); ``compile`` compiles the network with ``torch.compile`` on its first
@@ -38,27 +37,26 @@ class ImageClassifier(pl.LightningModule):
     def __init__(
         self,
         net: Callable[..., nn.Module],
-        classes: Sequence[str],
+        card: ModelCard,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
         weight_decay_on_norm_and_bias: bool = True,
         channels_last: bool = False,
         compile: bool = False,
-        image_spec: ImageSpec | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "classes", "optimizer", "scheduler", "image_spec"])
-        self.classes, self.image_spec = list(classes), image_spec
-        self.net = net(num_classes=len(self.classes))
+        self.save_hyperparameters(ignore=["net", "card", "optimizer", "scheduler"])
+        self.card = card
+        self.net = net(num_classes=len(card.classes))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
         if compile:  # in place: the state_dict keeps its keys, so checkpoints and exports are unchanged
             self.net.compile()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.train_metrics = _accuracy_metrics(len(self.classes), "train/")
-        self.val_metrics = _accuracy_metrics(len(self.classes), "val/")
+        self.train_metrics = _accuracy_metrics(len(card.classes), "train/")
+        self.val_metrics = _accuracy_metrics(len(card.classes), "val/")
         # Training: no NaN check, which reads a device value on the host at every update (a NaN loss still shows
         # in the mean). torchmetrics then ignores weights, so its batches are averaged as equals: they are all full.
         self.train_loss, self.val_loss = MeanMetric(nan_strategy="disable"), MeanMetric()
@@ -110,16 +108,13 @@ class ImageClassifier(pl.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CARD] = {
-            "classes": self.classes,
-            "image_spec": self.image_spec.to_dict() if self.image_spec is not None else None,
-        }
+        checkpoint[CARD] = self.card.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming: the checkpoint's outputs must mean the classes this run's data has, in the same order."""
-        saved = checkpoint.get(CARD, {}).get("classes", self.classes)
-        if saved != self.classes:
+        saved = tuple(checkpoint.get(CARD, {}).get("classes", self.card.classes))
+        if saved != self.card.classes:
             raise ValueError(
                 f"the checkpoint was trained on other classes than the data holds ({len(saved)} vs "
-                f"{len(self.classes)}, or another order): resume on the dataset it was trained on"
+                f"{len(self.card.classes)}, or another order): resume on the dataset it was trained on"
             )

@@ -1,6 +1,6 @@
 """Checkpoints and plain torchvision weights, both ways; no load ever unpickles code (``weights_only=True``).
 
-python -m models.export outputs/train/<run>/checkpoints/last.ckpt resnet18_demo.pth
+python -m models.export outputs/train/<run>/checkpoints/last.ckpt resnet18_demo.pth   # + resnet18_demo.pth.json
 # then anywhere: torchvision.models.resnet18(num_classes=N).load_state_dict(torch.load("resnet18_demo.pth"))
 python train.py model.net.weights=resnet18_demo.pth ...   # train or evaluate from torchvision-format weights
 """
@@ -13,6 +13,8 @@ import pickle
 from pathlib import Path
 
 import torch
+
+from models.card import ModelCard
 
 NET_PREFIX = "net."  # the LightningModule's attribute holding the torchvision model
 
@@ -41,12 +43,15 @@ def torchvision_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
 
 
 def export(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Writes the checkpoint's network as a plain state_dict (atomically: a temporary file, then a rename)."""
+    """Writes the checkpoint's network as a plain state_dict (atomically: a temporary file, then a rename), and its
+    model card beside it as ``<out>.json`` (classes, image spec, architecture)."""
     out = Path(out)
-    state = torchvision_state_dict(load_weights_only(checkpoint_path))
+    checkpoint = load_weights_only(checkpoint_path)
+    state, card = torchvision_state_dict(checkpoint), ModelCard.of_checkpoint(checkpoint, checkpoint_path)
     temporary = out.with_name(f".{out.name}.tmp")
     torch.save(state, temporary)
     os.replace(temporary, out)
+    card.write_beside(out)
     return out
 
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_info
 
 from data.datamodule import ImageNetDataModule
+from models.card import ModelCard, architecture_of
 from models.classifier import ImageClassifier
 
 
@@ -64,13 +65,13 @@ def training_plan(cfg: DictConfig, datamodule: ImageNetDataModule, trainer: pl.T
 
 
 def training_module(cfg: DictConfig, datamodule: ImageNetDataModule, trainer: pl.Trainer) -> ImageClassifier:
-    """``cfg.model`` for this run's classes and image spec, its optimizer and schedule sized by the plan."""
+    """``cfg.model`` with this run's card (classes, image spec, architecture), its optimizer and schedule sized by
+    the plan."""
     plan = training_plan(cfg, datamodule, trainer)
     rank_zero_info(plan.describe())
-    return instantiate(
-        cfg.model,
-        classes=datamodule.classes,
-        image_spec=datamodule.spec,
+    card = ModelCard(tuple(datamodule.classes), datamodule.spec, architecture_of(cfg.model.net))
+    return instantiate(cfg.model, _partial_=True)(  # objects as they are: instantiate's kwargs go through OmegaConf
+        card=card,
         optimizer=instantiate(cfg.optimizer, lr=plan.lr),
         scheduler=instantiate(cfg.scheduler, steps_per_epoch=plan.steps_per_epoch) if cfg.scheduler else None,
     )

@@ -12,9 +12,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from data.demo import ensure_demo_dataset
+from data.spec import ImageSpec
+from models.card import ModelCard
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -61,6 +64,11 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+def build_module(model: DictConfig, classes: list[str] | tuple[str, ...], spec: ImageSpec | None = None):
+    """``model`` (a composed ``cfg.model``) for these classes, as eval.py builds it: its optimizer goes unused."""
+    return instantiate(model, _partial_=True)(card=ModelCard(tuple(classes), spec or ImageSpec()))
 
 
 def run_train(*overrides: str, cache_dir: Path, run_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:

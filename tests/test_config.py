@@ -11,10 +11,11 @@ import torchvision
 from hydra.utils import instantiate
 
 from models.classifier import ImageClassifier
+from models.recipe import training_module
 from models.zoo import ARCHITECTURES, build_net
 from train import instantiate_all
 
-from .conftest import PROJECT_ROOT, SMALL_RUN, run_train
+from .conftest import PROJECT_ROOT, SMALL_RUN, build_module, run_train
 
 EXPERIMENTS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "model").glob("[!_]*.yaml"))
@@ -34,7 +35,7 @@ def test_every_architecture_has_a_model_config():
 def test_experiment_instantiates(make_cfg, experiment):
     cfg = make_cfg(f"experiment={experiment}", "data.root=/datasets/ILSVRC2012", *ON_THIS_MACHINE)
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, classes=CLASSES)
+    module = build_module(cfg.model, CLASSES)
     trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.callbacks), logger=instantiate_all(cfg.logger))
     assert isinstance(module, ImageClassifier) and isinstance(trainer, pl.Trainer)
     assert datamodule.batch_size == cfg.data.batch_size
@@ -58,7 +59,7 @@ def test_resnet50_fast_recipe(make_cfg):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_model_matches_torchvision(make_cfg, arch):
     cfg = make_cfg(f"model={arch}")
-    module = instantiate(cfg.model, classes=CLASSES)
+    module = build_module(cfg.model, CLASSES)
     reference = torchvision.models.get_model(arch, num_classes=1000)
     assert type(module.net) is type(reference)
     assert n_parameters(module.net) == n_parameters(reference)
@@ -72,16 +73,17 @@ def test_published_parameter_counts(arch, expected):
 def test_classes_come_from_the_data(make_cfg, small_demo_root):
     cfg = make_cfg("model=resnet18", f"data.root={small_demo_root}")
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, classes=datamodule.classes, image_spec=datamodule.spec)
-    assert module.net.fc.out_features == 4 and module.classes == sorted(
+    module = training_module(cfg, datamodule, instantiate(cfg.trainer))
+    assert module.net.fc.out_features == 4 and list(module.card.classes) == sorted(
         p.name for p in (small_demo_root / "train").iterdir()
     )
-    assert module.image_spec == datamodule.spec and module.image_spec.image_size == 64  # the demo's
+    assert module.card.image_spec == datamodule.spec and module.card.image_spec.image_size == 64  # the demo's
+    assert module.card.architecture == {"arch": "resnet18", "zero_init_residual": False}
 
 
 def test_zero_init_residual_and_channels_last(make_cfg):
     cfg = make_cfg("model=resnet50", "model.net.zero_init_residual=true", "model.channels_last=true")
-    module = instantiate(cfg.model, classes=CLASSES[:10])
+    module = build_module(cfg.model, CLASSES[:10])
     assert all(torch.all(block.bn3.weight == 0) for block in module.net.modules() if hasattr(block, "bn3"))
     assert module.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="ResNets only"):

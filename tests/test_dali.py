@@ -123,6 +123,7 @@ def test_mid_epoch_state_of_another_world_size_is_refused(odd_split: Split):
 def test_val_counts_every_image_once_over_two_ranks(odd_split: Split):
     shards = [_ids(_val(odd_split, Shard(r, 2))) for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == list(range(239))
+    assert shards == [list(DaliLoaders.val_order(239, Shard(r, 2))) for r in (0, 1)]  # what eval's report relies on
     again = [_ids(_val(odd_split, Shard(r, 2))) for r in (0, 1)]
     assert again == shards
 

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from hydra.utils import instantiate
 
-from models.classifier import CARD
+from models.card import ModelCard
 from models.export import UnsafeCheckpointError, export, load_weights_only
 from models.zoo import build_net
-from tests.conftest import PROJECT_ROOT, SMALL_RUN
+from tests.conftest import PROJECT_ROOT, SMALL_RUN, build_module
 from train import train
 
 
@@ -40,14 +39,15 @@ def test_exported_weights_load_strictly_into_torchvision_with_the_same_logits(ma
     out = export(checkpoint, tmp_path / "resnet18.pth")
     net = torchvision.models.resnet18(num_classes=4)
     net.load_state_dict(torch.load(out, weights_only=True), strict=True)
-    module = instantiate(make_cfg(*SMALL_RUN).model, classes=torch.load(checkpoint, weights_only=True)[CARD]["classes"])
+    card = ModelCard.of_checkpoint(torch.load(checkpoint, weights_only=True), checkpoint)
+    module = build_module(make_cfg(*SMALL_RUN).model, card.classes, card.image_spec)
     module.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
     images = torch.randn(3, 3, 32, 32)
     module.eval(), net.eval()
     with torch.no_grad():
         assert torch.equal(net(images), module(images))
     # and back: a run starts from torchvision-format weights
-    started = instantiate(make_cfg(*SMALL_RUN, f"model.net.weights={out}").model, classes=module.classes).eval()
+    started = build_module(make_cfg(*SMALL_RUN, f"model.net.weights={out}").model, card.classes).eval()
     with torch.no_grad():
         assert torch.equal(started(images), module(images))
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from data.ilsvrc import Split, load_layout
 from data.index import IndexCache, indexed_layout
@@ -17,43 +15,30 @@ from train import train
 
 from .conftest import SMALL_RUN
 from .loaders import loader, small_spec, unnormalised
+from .odd_images import NAMES, jpeg_bytes, picture, write_odd_images
 
 BROKEN = {
     "empty.JPEG": "empty file",
-    "truncated.JPEG": "truncated JPEG (no end marker)",
+    "truncated.JPEG": "truncated JPEG (no end marker, and torchvision cannot decode it: Image is incomplete",
     "random_bytes.JPEG": "not an image file",
     "text.JPEG": "not an image file",
 }
-ODDITIES = ("grayscale.JPEG", "cmyk.JPEG", "png_named.JPEG", "progressive.JPEG")
-
-
-def _picture() -> Image.Image:
-    """A colourful 120x90 image with structure, so a decoder's mistakes would show."""
-    y, x = np.mgrid[0:90, 0:120]
-    return Image.fromarray(np.stack([x * 2, y * 2, (x + y) % 256], axis=-1).astype(np.uint8))
-
-
-def _jpeg_bytes(**options) -> bytes:
-    buffer = io.BytesIO()
-    _picture().save(buffer, "JPEG", quality=92, **options)
-    return buffer.getvalue()
+BIG_TRAILER = "trailer_5mb.JPEG"
+BROKEN_VAL = {"empty": "empty file", "truncated": "truncated JPEG (no end marker"}
+ODDITIES = [*(f"{name}.JPEG" for name in NAMES), BIG_TRAILER]
 
 
 def _write_specimens(folder: Path) -> None:
-    """The broken files and the valid oddities, in one train class folder."""
-    whole = _jpeg_bytes()
+    """The broken files and the valid oddities (tests/odd_images.py, and a 5 MB trailer), in one train class
+    folder."""
+    whole = jpeg_bytes(picture())
     (folder / "empty.JPEG").write_bytes(b"")
     (folder / "truncated.JPEG").write_bytes(whole[: len(whole) // 2])
     (folder / "random_bytes.JPEG").write_bytes(np.random.default_rng(0).bytes(5000))
     (folder / "text.JPEG").write_text("not a picture\n")
-    _picture().convert("L").save(folder / "grayscale.JPEG", "JPEG")
-    _picture().convert("CMYK").save(folder / "cmyk.JPEG", "JPEG")
-    _picture().save(folder / "png_named.JPEG", "PNG")
-    (folder / "progressive.JPEG").write_bytes(_jpeg_bytes(progressive=True))
+    (folder / BIG_TRAILER).write_bytes(whole + np.random.default_rng(1).bytes(5 * 2**20))
     (folder / "notes.txt").write_text("a stray file")
-
-
-BROKEN_VAL = {"empty": "empty file", "truncated": "truncated JPEG (no end marker)"}
+    write_odd_images(folder)
 
 
 @pytest.fixture
@@ -78,28 +63,34 @@ def test_index_excludes_exactly_the_broken_files(seeded_root: Path, tmp_path: Pa
         assert f"{name}: {reason}" in caplog.text
     for image, reason in zip(sorted((seeded_root / "val").iterdir())[:2], BROKEN_VAL.values()):
         assert str(image) not in layout.val.paths and f"{image}: {reason}" in caplog.text
-    assert "Excluded 6 of 308 files" in caplog.text
+    assert f"Excluded 6 of {300 + len(BROKEN) + len(ODDITIES)} files" in caplog.text
+
+
+def _write_corrupt_huffman_table(folder: Path) -> Path:
+    """A JPEG whose header parses and whose end marker is in place, but whose first Huffman table is garbage."""
+    whole = jpeg_bytes(picture())
+    table = whole.index(b"\xff\xc4") + 4  # the first Huffman table's definition
+    corrupt = folder / "bad_huffman.JPEG"
+    corrupt.write_bytes(whole[:table] + b"\xff" * 20 + whole[table + 20 :])
+    return corrupt
 
 
 def test_full_mode_decodes_what_fast_mode_only_parses(seeded_root: Path, tmp_path: Path, caplog):
     """A JPEG with a corrupt Huffman table: its header parses and its end marker is there (fast keeps it), but no
     decoder reads it (full leaves it out, with the decoder's reason)."""
-    whole = _jpeg_bytes()
-    table = whole.index(b"\xff\xc4") + 4  # the first Huffman table's definition
-    corrupt = next((seeded_root / "train").iterdir()) / "bad_huffman.JPEG"
-    corrupt.write_bytes(whole[:table] + b"\xff" * 20 + whole[table + 20 :])
+    corrupt = _write_corrupt_huffman_table(next((seeded_root / "train").iterdir()))
     fast = indexed_layout(load_layout(seeded_root), "fast", tmp_path / "cache", workers=2)
     full = indexed_layout(load_layout(seeded_root), "full", tmp_path / "cache", workers=2)
     assert str(corrupt) in fast.train.paths and str(corrupt) not in full.train.paths
     assert len(full.train) == len(fast.train) - 1
-    assert f"{corrupt}: cannot be decoded" in caplog.text and "Bogus Huffman table definition" in caplog.text
+    assert f"{corrupt}: torchvision cannot decode it: Bogus Huffman table definition" in caplog.text
 
 
 def test_index_cache_rechecks_only_changed_files(seeded_root: Path, tmp_path: Path):
     layout = load_layout(seeded_root)
     indexed_layout(layout, "fast", tmp_path / "cache", workers=2)
     cache = IndexCache(tmp_path / "cache", seeded_root, "fast")
-    assert len(cache.entries) == 308
+    assert len(cache.entries) == 300 + len(BROKEN) + len(ODDITIES)
     victim = layout.train.paths[-1]
     Path(victim).write_bytes(b"")  # broken after it was indexed: size and mtime change
     again = indexed_layout(layout, "fast", tmp_path / "cache", workers=2)
@@ -109,7 +100,8 @@ def test_index_cache_rechecks_only_changed_files(seeded_root: Path, tmp_path: Pa
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_oddities_decode_to_rgb(seeded_root: Path, backend: str):
     folder = next((seeded_root / "train").iterdir())
-    split = Split([str(folder / name) for name in ODDITIES], list(range(len(ODDITIES))))
+    names = ("grayscale", "cmyk", "rgb_png", "progressive")
+    split = Split([str(folder / f"{name}.JPEG") for name in names], list(range(len(names))))
     spec = small_spec(64)
     images, labels = next(iter(loader(backend, split, train=False, batch_size=4, spec=spec)))
     images = unnormalised(images, spec) if backend == "dali" else images.float()
@@ -142,3 +134,13 @@ def test_a_file_broken_after_indexing_stops_the_run_naming_it(make_cfg, seeded_r
     broken = r"(train/n\d{8}/(empty|truncated|random_bytes|text)|val/ILSVRC2012_val_0000000[12])\.JPEG"
     with pytest.raises(Exception, match=broken):
         train(cfg)
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_a_corrupt_body_that_fast_mode_lets_through_stops_the_run_naming_it(make_cfg, seeded_root: Path, backend: str):
+    """What fast mode cannot promise: the run stops at the file, names it and says to check with --mode full."""
+    corrupt = _write_corrupt_huffman_table(next((seeded_root / "train").iterdir()))
+    cfg = make_cfg(*SMALL_RUN, f"data.root={seeded_root}", f"data/loader={backend}", "trainer.max_epochs=1")
+    with pytest.raises(RuntimeError) as raised:
+        train(cfg)
+    assert str(corrupt) in str(raised.value) and "python -m data.index <data.root> --mode full" in str(raised.value)

@@ -9,19 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from data.ilsvrc import wordnet_names
-from models.classifier import CARD
-from tests.conftest import PROJECT_ROOT, SHARED_DATA
+from models.card import CARD
+from tests.conftest import PROJECT_ROOT, SHARED_DATA, build_module
 
 SAMPLES = SHARED_DATA / "imagenet-samples"
 
 
 def save_checkpoint(make_cfg, wnids: list[str], path: Path) -> Path:
     """A ResNet-18 checkpoint in the project's format (randomly initialised) for these classes."""
-    module = instantiate(make_cfg().model, classes=wnids)
-    torch.save({"state_dict": module.state_dict(), CARD: {"classes": wnids, "image_spec": None}}, path)
+    module = build_module(make_cfg().model, wnids)
+    torch.save({"state_dict": module.state_dict(), CARD: module.card.to_dict()}, path)
     return path
 
 

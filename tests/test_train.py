@@ -10,10 +10,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from models.classifier import CARD
+from models.card import CARD
 from train import train
 
-from .conftest import SMALL_RUN, run_train
+from .conftest import SMALL_RUN, build_module, run_train
 
 # Enough data and pixels for ResNet-18 to learn 4 classes in under a minute on 2 cores (chance: 0.25).
 LEARN = [
@@ -79,7 +79,7 @@ def test_resume_equals_uninterrupted(make_cfg, tmp_path: Path, precision: str):
 def test_resuming_on_a_dataset_of_other_classes_is_refused(make_cfg):
     """The checkpoint's class index (wnid per output) must be the data's: another would relabel every class."""
     cfg = make_cfg(*SMALL_RUN)
-    module = instantiate(cfg.model, classes=instantiate(cfg.data).classes)
+    module = build_module(cfg.model, instantiate(cfg.data).classes)
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
     module.on_load_checkpoint(checkpoint)  # its own classes
