@@ -13,11 +13,12 @@ import torchvision
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from callbacks.error_analysis import analyse, format_report
+from callbacks.error_analysis import PREDICTIONS, analyse, format_report
 from data.demo import ensure_demo_dataset
 from data.ilsvrc import load_layout, wordnet_names
 from data.spec import ImageSpec
 from tests.conftest import PROJECT_ROOT, SMALL_DEMO, SMALL_RUN, run_train
+from tests.odd_images import write_odd_images
 
 
 def run_eval(*overrides: str, cache_dir: Path, run_dir: Path) -> dict:
@@ -36,20 +37,85 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return folder / "run", folder / "cache"
 
 
+# The dataset of the small run, without its image settings: those come from the checkpoint's model card.
+DATA_ONLY = [o for o in SMALL_RUN if not o.startswith("data.spec.")]
+
+
 @pytest.mark.slow
 def test_single_crop_reproduces_the_training_figures_and_ten_crops_report_their_own(trained, tmp_path: Path):
+    """eval.py needs only the checkpoint and the data: the run trained at 32 px (the demo's default is 64), and the
+    checkpoint says so."""
     run, cache = trained
     logged = json.loads((run / "metrics.json").read_text())
     ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
-    single = run_eval(*SMALL_RUN, ckpt, cache_dir=cache, run_dir=tmp_path / "single")["summary"]
+    single = run_eval(*DATA_ONLY, ckpt, cache_dir=cache, run_dir=tmp_path / "single")["summary"]
     assert single["images"] == 60
     assert single["top1_accuracy"] == pytest.approx(logged["val/acc1"], abs=1e-3)
     assert single["top5_accuracy"] == pytest.approx(logged["val/acc5"], abs=1e-3)
     assert single["top1_error"] == pytest.approx(1 - single["top1_accuracy"])
-    ten = run_eval(*SMALL_RUN, ckpt, "data.val_crops=10", cache_dir=cache, run_dir=tmp_path / "ten")
+    rows = (tmp_path / "single" / PREDICTIONS).read_text().splitlines()[1:]
+    assert len(rows) == 60 and [row.split("\t")[0] for row in rows] == sorted(row.split("\t")[0] for row in rows)
+    right = sum(row.split("\t")[1] == row.split("\t")[2].split()[0] for row in rows)  # label = top-1 wnid
+    assert right / 60 == pytest.approx(single["top1_accuracy"])
+    ten = run_eval(*DATA_ONLY, ckpt, "data.val_crops=10", cache_dir=cache, run_dir=tmp_path / "ten")
     assert ten["summary"]["images"] == 60
     assert ten["summary"]["top1_accuracy"] == pytest.approx(_ten_crop_top1(run, cache), abs=1e-6)
     assert "top-1" in (tmp_path / "ten" / "report.txt").read_text()
+
+
+@pytest.mark.slow
+def test_an_image_setting_that_differs_from_training_is_logged(trained, tmp_path: Path):
+    run, cache = trained
+    ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
+    run_eval(*DATA_ONLY, ckpt, "data.spec.val_resize_size=40", cache_dir=cache, run_dir=tmp_path / "eval")
+    log = (tmp_path / "eval" / "eval.log").read_text()
+    assert "data.spec.val_resize_size=40 as given, not 36 as the model was trained" in log
+    assert "data.spec.image_size" not in log  # what the user did not override is the checkpoint's, silently
+
+
+@pytest.mark.slow
+def test_predict_gives_eval_s_top5_for_every_odd_image(trained, tmp_path: Path):
+    """Odd but valid files (EXIF orientations, 16-bit, palette and RGBA PNGs, CMYK, a trailer, 1x1, 10x3000) as a
+    val split: predict.py and eval.py, each given only the checkpoint, agree on every image's top-5."""
+    run, cache = trained
+    root = tmp_path / "odd"
+    (root / "train").parent.mkdir()
+    (root / "train").symlink_to(ensure_demo_dataset(cache, **SMALL_DEMO) / "train")
+    files = write_odd_images(root / "val")
+    wnids = sorted(p.name for p in (root / "train").iterdir())
+    rows = [f"{path.stem},{wnids[i % len(wnids)]} 0 0 1 1" for i, path in enumerate(files.values())]
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
+    data = [f"data.root={root}", "data.index=full", "data.num_workers=0", "data.batch_size=4"]
+    run_eval(ckpt, *data, cache_dir=cache, run_dir=tmp_path / "eval")
+    evaluated = _predictions(tmp_path / "eval")
+    command = [sys.executable, "predict.py", ckpt, f"inputs=[{root / 'val'}]", *data, f"paths.cache_dir={cache}"]
+    result = subprocess.run(
+        [*command, f"hydra.run.dir={tmp_path / 'predict'}"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and f"{len(files)} image(s) classified, 0 skipped" in output, output[-3000:]
+    predicted = {}
+    for line in result.stdout.splitlines():
+        if not line.startswith(str(root)):
+            continue
+        path, top = line.split(": ", 1)
+        predicted[path] = [(entry.split()[1], float(entry.split()[0])) for entry in top.split(" | ")]
+    assert evaluated.keys() == {str(path) for path in files.values()}
+    _assert_same_top5(evaluated, predicted, abs=1e-3)  # predict.py prints 3 decimals
+
+
+def _predictions(folder: Path) -> dict[str, list[tuple[str, float]]]:
+    """eval.py's predictions.tsv: path -> top-5 (wnid, probability)."""
+    rows = [row.split("\t") for row in (folder / PREDICTIONS).read_text().splitlines()[1:]]
+    return {path: [(entry.split()[0], float(entry.split()[1])) for entry in top] for path, _, *top in rows}
+
+
+def _assert_same_top5(a: dict, b: dict, abs: float) -> None:
+    assert a.keys() == b.keys()
+    for path, top in a.items():
+        assert [c for c, _ in top] == [c for c, _ in b[path]], path
+        assert [p for _, p in top] == pytest.approx([p for _, p in b[path]], abs=abs), path
 
 
 def _ten_crop_top1(run: Path, cache: Path) -> float:
@@ -82,6 +148,7 @@ def test_two_ranks_give_the_figures_of_one(trained, tmp_path: Path, protocol: li
     assert one["summary"]["images"] == two["summary"]["images"] == 60  # each image once
     assert one["summary"] == pytest.approx(two["summary"])
     assert one["per_class"] == two["per_class"] and one["confused_pairs"] == two["confused_pairs"]
+    _assert_same_top5(_predictions(tmp_path / "one"), _predictions(tmp_path / "two"), abs=1e-5)  # every image's
 
 
 def test_error_analysis_figures():
