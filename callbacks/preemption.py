@@ -10,9 +10,9 @@ from types import FrameType
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
 from callbacks import wandb_logger
+from compat import hpc_checkpoint_path
 from slurm.environment import slurm_job_id
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class PreemptionCheckpoint(pl.Callback):
         request = self._agreed_request()
         if not request:
             return
-        path = _CheckpointConnector.hpc_save_path(trainer.default_root_dir)
+        path = hpc_checkpoint_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)
         log.info("Saved %s at step %d (epoch %d)", path, trainer.global_step, trainer.current_epoch)
         for logger in trainer.loggers:

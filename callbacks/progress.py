@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
 
 from callbacks.throughput import ThroughputMonitor
+from compat import advance_rich_bar, refresh_rich_bar_metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,9 @@ class SparseRichProgressBar(RichProgressBar):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if self.is_disabled:
             return
-        if self.train_progress_bar_id is None:  # a run resumed in mid-epoch
-            self._initialize_train_progress_bar_id()
-        self._update(self.train_progress_bar_id, batch_idx + 1)
+        advance_rich_bar(self, trainer, pl_module, batch_idx + 1)
         if trainer.global_step % self.metrics_every_n_steps == 0:  # the steps Lightning logs at
-            self._update_metrics(trainer, pl_module)
+            refresh_rich_bar_metrics(self, trainer, pl_module)
         self.refresh()
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:

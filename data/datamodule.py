@@ -15,6 +15,7 @@ from typing import Protocol
 import pytorch_lightning as pl
 import torch
 
+from compat import trained_batches_in_epoch
 from data.ilsvrc import ILSVRCLayout, Split, load_layout
 from data.index import MODES, indexed_layout
 from data.placement import Placement, Shard, placement_of, shard_of
@@ -153,7 +154,7 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def _trained_batches(self) -> int:
         """Batches of the current epoch already trained, as the fit loop restored them from a checkpoint."""
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return trained_batches_in_epoch(self.trainer)
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
         images, labels = batch

@@ -11,11 +11,11 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
+from compat import UnrepeatedDistributedSampler
 from data.ilsvrc import UNREADABLE_FILE_ADVICE, Split
 from data.placement import Placement, Shard
 from data.spec import ImageSpec

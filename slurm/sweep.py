@@ -22,9 +22,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.utilities import rank_zero_only
 
+from compat import job_error, launches_its_ranks_by_rerunning_the_script
 from slurm.environment import slurm_job_id
 
 JOB_RECORD = "job.json"
@@ -48,7 +48,8 @@ class SweepSummary(Callback):
             "slurm_job_id": slurm_job_id() or "",
         }
         if job_return.status == JobStatus.FAILED:
-            record["error"] = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
+            error = job_error(job_return)
+            record["error"] = f"{type(error).__name__}: {error}"
         _write_atomically(folder / JOB_RECORD, json.dumps(record, indent=1))
         write_summary(folder.parent)
 
@@ -116,13 +117,10 @@ def varying_overrides(rows: list[dict[str, Any]]) -> list[str]:
 def refuse_subprocess_ddp_in_multirun(trainer: pl.Trainer) -> None:
     """Lightning's DDP launcher starts its other ranks by running ``sys.argv`` again, which inside a Hydra multirun
     is the whole sweep (Lightning #11300, #15737): refuse it with the two ways that work."""
-    launcher = trainer.strategy.launcher
     if (
         HydraConfig.initialized()
         and HydraConfig.get().mode == RunMode.MULTIRUN
-        and isinstance(launcher, _SubprocessScriptLauncher)
-        and launcher.num_processes > 1
-        and not launcher.cluster_environment.creates_processes_externally
+        and launches_its_ranks_by_rerunning_the_script(trainer)
     ):
         raise RuntimeError(
             "A Hydra multirun (-m) cannot start DDP processes itself (trainer.strategy=ddp with "

@@ -195,3 +195,26 @@ def test_wandb_mode_never_waits_for_an_unreachable_server(monkeypatch):
 def test_wandb_run_id_is_fixed_by_the_run_folder(tmp_path: Path):
     assert run_id(tmp_path / "4242") == run_id(tmp_path / "4242") != run_id(tmp_path / "4243")
     assert run_id(tmp_path / "2026-11-29_03:05").startswith("2026-11-29_03-05-")
+
+
+def test_rich_bar_on_a_terminal_moves_every_step(make_cfg, monkeypatch):
+    """On a terminal the rich bar (callbacks/progress.py, through compat.py's access to Lightning's bar) counts
+    every training step of every epoch."""
+    from callbacks.progress import SparseRichProgressBar
+    from train import instantiate_all, train
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    bars = []
+
+    def keep_bar(group):
+        objects = instantiate_all(group)
+        bars.extend(o for o in objects if isinstance(o, SparseRichProgressBar))
+        return objects
+
+    monkeypatch.setattr("train.instantiate_all", keep_bar)
+    train(
+        make_cfg(*SMALL_RUN, "trainer.enable_progress_bar=true", "trainer.max_epochs=2", "trainer.log_every_n_steps=5")
+    )
+    (bar,) = bars
+    train_task = next(task for task in bar.progress.tasks if task.id == bar.train_progress_bar_id)
+    assert (train_task.completed, train_task.total) == (12, 12)

@@ -1,0 +1,71 @@
+"""Every private API of Lightning and Hydra this project uses, in one place: upgrading either means reading this
+file against the new version. ``WRITTEN_FOR`` names the versions it was checked against; tests/test_compat.py fails,
+saying so, on any other.
+
+Each function says what it reads and why no public API gives it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.core.utils import JobReturn
+from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
+from pytorch_lightning.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+WRITTEN_FOR = {"pytorch-lightning": "2.6.6", "hydra-core": "1.3.8"}
+
+__all__ = [
+    "WRITTEN_FOR",
+    "UnrepeatedDistributedSampler",
+    "advance_rich_bar",
+    "hpc_checkpoint_path",
+    "refresh_rich_bar_metrics",
+    "job_error",
+    "launches_its_ranks_by_rerunning_the_script",
+    "trained_batches_in_epoch",
+]
+
+
+def trained_batches_in_epoch(trainer: pl.Trainer) -> int:
+    """Batches of the current epoch already trained, as the fit loop restored them from a checkpoint: what a loader
+    that resumes in mid-epoch must skip (the loop's progress counters are not public)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+
+def hpc_checkpoint_path(folder: str | os.PathLike) -> str:
+    """The next ``hpc_ckpt_N.ckpt`` in ``folder``: the file Lightning resumes a SLURM job from without a flag."""
+    return _CheckpointConnector.hpc_save_path(str(folder))
+
+
+def launches_its_ranks_by_rerunning_the_script(trainer: pl.Trainer) -> bool:
+    """Whether Lightning starts this run's other ranks itself by running ``sys.argv`` again (its DDP subprocess
+    launcher), which a Hydra multirun cannot survive; not when a cluster (srun, torchrun) starts them."""
+    launcher = trainer.strategy.launcher
+    return (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and launcher.num_processes > 1
+        and not launcher.cluster_environment.creates_processes_externally
+    )
+
+
+def job_error(job_return: JobReturn) -> BaseException | Any:
+    """The exception a failed Hydra job raised (``JobReturn.return_value`` re-raises it instead of returning it)."""
+    return job_return._return_value
+
+
+def advance_rich_bar(bar: RichProgressBar, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: int) -> None:
+    """Moves Lightning's rich training bar to ``batches`` without reading the metrics (its own hook reads them,
+    a device synchronisation, at every step); creates the bar first in a run resumed in mid-epoch."""
+    if bar.train_progress_bar_id is None:
+        bar._initialize_train_progress_bar_id()
+    bar._update(bar.train_progress_bar_id, batches)
+
+
+def refresh_rich_bar_metrics(bar: RichProgressBar, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Reads the logged metrics into the rich bar (on the steps that log anyway)."""
+    bar._update_metrics(trainer, pl_module)
