@@ -6,9 +6,10 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: train test test-fast bench report mutation
 
-$(INSTALLED): requirements.txt requirements-test.txt
+$(INSTALLED): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -qq -r requirements-test.txt
+	$(VENV)/bin/pip install -qq --no-deps --no-build-isolation -e .
 	touch $@
 
 ## The main job: ResNet-18 on the embedded demo dataset (generated on first use), on the CPU. ARGS=... adds overrides.

@@ -16,10 +16,10 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from assemble import instantiate_all
 from callbacks.error_analysis import ErrorAnalysis
 from models.card import ModelCard, configured_by_card
 from models.export import load_weights_only
-from train import instantiate_all
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ Files that cannot be decoded are reported and skipped.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from data.torchvision_backend import decode, val_transform
 from models.card import ModelCard, configured_by_card
 from models.export import load_weights_only
 
-os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 log = logging.getLogger(__name__)
 
 

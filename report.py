@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from slurm.sweep import job_rows, varying_overrides  # noqa: E402
+from sweeps.summary import job_rows, varying_overrides  # noqa: E402
 
 Series = dict[str, dict[float, float]]  # metric -> x (step or epoch) -> value
 

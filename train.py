@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -20,20 +19,12 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from callbacks import wandb_logger
-from callbacks.run_metadata import run_config
-from models.recipe import training_module
-from slurm.sweep import METRICS, refuse_subprocess_ddp_in_multirun
+from assemble import instantiate_all, training_module
+from loggers import wandb_logger
+from loggers.run_metadata import run_config
+from sweeps.summary import METRICS, refuse_subprocess_ddp_in_multirun
 
-os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 log = logging.getLogger(__name__)
-
-
-def instantiate_all(group: DictConfig | None) -> list:
-    """Every object of a named-entries group (callbacks, logger); a ``null`` entry, or a factory that returns None,
-    switches one off."""
-    objects = [instantiate(entry) for entry in (group or {}).values() if entry is not None]
-    return [instance for instance in objects if instance is not None]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -50,7 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)  # never runs pickled code
     wandb_logger.finish(trainer)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
-    if trainer.is_global_zero:  # what a sweep's summary reads (slurm/sweep.py)
+    if trainer.is_global_zero:  # what a sweep's summary reads (sweeps/summary.py)
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         Path(cfg.paths.output_dir, METRICS).write_text(json.dumps(metrics, indent=1))
     return metrics

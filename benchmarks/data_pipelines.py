@@ -14,29 +14,27 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
+import nvidia.dali
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from data.dali import DaliLoaders
+from data.ilsvrc import Split
+from data.placement import Placement, Shard
+from data.spec import ImageSpec
+from data.torchvision_backend import TorchvisionLoaders
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_ROOT))
-
-import nvidia.dali  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision import transforms  # noqa: E402
-from torchvision.io import ImageReadMode, decode_image, read_file  # noqa: E402
-
-from data.dali import DaliLoaders  # noqa: E402
-from data.ilsvrc import Split  # noqa: E402
-from data.placement import Placement, Shard  # noqa: E402
-from data.spec import ImageSpec  # noqa: E402
-from data.torchvision_backend import TorchvisionLoaders  # noqa: E402
 
 SIZE = 224
 

@@ -25,27 +25,26 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.flop_counter import FlopCounterMode
+
+from assemble import (
+    instantiate_all,
+    training_module,
+)
+from data.placement import half_dtype
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_ROOT))
-os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
-
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from data.placement import half_dtype  # noqa: E402
-from models.recipe import training_module  # noqa: E402
-from train import instantiate_all  # noqa: E402
 
 MEASUREMENTS = ("data", "synthetic", "trainer", "loop")
 # Dense bf16/fp16 tensor-core peaks from the vendor's data sheets (FLOP/s), by a part of the device name.

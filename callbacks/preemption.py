@@ -11,8 +11,8 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
-from callbacks import wandb_logger
 from compat import hpc_checkpoint_path
+from loggers import wandb_logger
 from slurm.environment import slurm_job_id
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$root"
 python=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
-export PROJECT_ROOT=$root
+
 work=$(mktemp -d)  # the JPEGs and caches: not in OUT_DIR, which a GPU machine sends back
 trap 'rm -rf "$work"' EXIT
 
@@ -60,7 +60,7 @@ echo "== JPEGs: $($python -m benchmarks.jpeg_set "$work/jpegs" "${jpegs[@]}")"
 common=(data.root="$work/jpegs/root" data.index=none paths.cache_dir="$work/cache" "${device[@]}")
 
 echo "== data pipelines against the machine's decode ceiling"  # the val folder: each JPEG once
-if ! timeout "$limit" $python benchmarks/data_pipelines.py "$work/jpegs/root/val" "${pipelines[@]}" \
+if ! timeout "$limit" $python -m benchmarks.data_pipelines "$work/jpegs/root/val" "${pipelines[@]}" \
   --json "$out/data-pipelines.json" 2>"$out/data-pipelines.log" | tee "$out/data-pipelines.txt" | tail -7; then
   echo "!! data-pipelines failed or ran past ${limit}s: see $out/data-pipelines.log"
   failed+=("data-pipelines")

@@ -1,1 +1,1 @@
-"""Running on SLURM: the sbatch templates (``*.sbatch``), the job's cluster environment, and sweep summaries."""
+"""Running on SLURM: the sbatch templates (``*.sbatch``) and the job as Lightning sees it (environment.py)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,7 +20,6 @@ from models.card import ModelCard
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
-os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 
 # A small demo dataset and settings under which ResNet-18 learns it in seconds on 2 CPU cores.
 SMALL_DEMO = dict(num_classes=4, train_per_class=60, val_per_class=15, short_side=48)

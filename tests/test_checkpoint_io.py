@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from callbacks.checkpoint_io import AtomicCheckpointIO
+from plugins.checkpoint_io import AtomicCheckpointIO
 from tests.conftest import PROJECT_ROOT, SMALL_RUN
 from train import train
 

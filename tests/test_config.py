@@ -10,10 +10,9 @@ import torch
 import torchvision
 from hydra.utils import instantiate
 
+from assemble import instantiate_all, training_module
 from models.classifier import ImageClassifier
-from models.recipe import training_module
 from models.zoo import ARCHITECTURES, build_net
-from train import instantiate_all
 
 from .conftest import PROJECT_ROOT, SMALL_RUN, build_module, run_train
 

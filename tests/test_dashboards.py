@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from callbacks.wandb_logger import resolve_mode, run_id
+from loggers.wandb_logger import resolve_mode, run_id
 from report import report
 from tests.conftest import PROJECT_ROOT, SMALL_RUN
 
@@ -200,8 +200,9 @@ def test_wandb_run_id_is_fixed_by_the_run_folder(tmp_path: Path):
 def test_rich_bar_on_a_terminal_moves_every_step(make_cfg, monkeypatch):
     """On a terminal the rich bar (callbacks/progress.py, through compat.py's access to Lightning's bar) counts
     every training step of every epoch."""
+    from assemble import instantiate_all
     from callbacks.progress import SparseRichProgressBar
-    from train import instantiate_all, train
+    from train import train
 
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)
     bars = []

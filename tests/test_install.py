@@ -18,7 +18,17 @@ def test_environment_yml_matches_requirements():
     env = yaml.safe_load((PROJECT_ROOT / "environment.yml").read_text())
     assert "python=3.11" in env["dependencies"]
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert pip_section == _pip_pins()
+    assert pip_section == [*_pip_pins(), "-e ."]  # the pins, then the project itself
+
+
+def test_the_project_is_installed_as_a_package(tmp_path):
+    """Its modules import by name from any folder, as the benchmarks and scripts rely on."""
+    import subprocess
+    import sys
+
+    probe = "import assemble, compat, data.spec, sweeps.summary, loggers.wandb_logger; print(data.spec.__file__)"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == str(PROJECT_ROOT / "data" / "spec.py"), result.stderr
 
 
 def test_installed_versions_are_the_pinned_ones():

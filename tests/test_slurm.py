@@ -19,7 +19,7 @@ import torch
 
 from report import report
 from slurm.environment import SlurmJob, SlurmLayoutError
-from slurm.sweep import COLUMNS, format_summary, write_summary
+from sweeps.summary import COLUMNS, format_summary, write_summary
 from tests.conftest import PROJECT_ROOT, SMALL_RUN
 from tests.test_dashboards import assert_plots, wandb_records
 

@@ -31,7 +31,7 @@ def test_training_steps_read_no_device_value_between_logging_steps(make_cfg, sma
 
 
 def _with(observer: pl.Callback):
-    from train import instantiate_all
+    from assemble import instantiate_all
 
     def instantiate_with_observer(group):
         objects = instantiate_all(group)

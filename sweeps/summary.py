@@ -1,6 +1,6 @@
 """Hydra sweeps: a summary of every job (overrides, state, final val top-1/top-5), and the launch check for them.
 
-    python -m slurm.sweep outputs/train/multirun/<date>   # print (and rewrite) a sweep's summary at any time
+    python -m sweeps.summary outputs/train/multirun/<date>   # print (and rewrite) a sweep's summary at any time
 
 Each job records itself when it ends (``job.json`` in its folder, rank zero only) and rewrites the sweep's
 ``summary.csv``, so the summary is current even while other jobs still run or after the launcher was killed.
@@ -137,5 +137,5 @@ def _write_atomically(path: Path, text: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
-        sys.exit("usage: python -m slurm.sweep SWEEP_DIR  (the multirun folder with one folder per job)")
+        sys.exit("usage: python -m sweeps.summary SWEEP_DIR  (the multirun folder with one folder per job)")
     print(format_summary(write_summary(Path(sys.argv[1]))))

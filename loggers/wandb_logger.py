@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from pytorch_lightning.loggers import WandbLogger
 
-from callbacks.run_metadata import masked_command_line
+from loggers.run_metadata import masked_command_line
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "online", "offline", "disabled")

@@ -1,6 +1,7 @@
-"""The numbers of a training run, computed once from the data, the Trainer and the recipe, and the LightningModule
-built with them: the learning rate scaled by the global batch (Goyal et al. 2017) and the schedule's steps per
-epoch. ``train.py`` and the benchmark suite build their module here.
+"""A run's objects assembled from its config, for every entry point (train.py, eval.py, the benchmark suite): the
+callbacks and loggers groups, and the LightningModule with the run's numbers computed once from the data, the
+Trainer and the recipe (the learning rate scaled by the global batch, Goyal et al. 2017, and the schedule's steps
+per epoch).
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from pytorch_lightning.utilities import rank_zero_info
 from data.datamodule import ImageNetDataModule
 from models.card import ModelCard, architecture_of
 from models.classifier import ImageClassifier
+
+
+def instantiate_all(group: DictConfig | None) -> list:
+    """Every object of a named-entries group (callbacks, logger); a ``null`` entry, or a factory that returns None,
+    switches one off."""
+    objects = [instantiate(entry) for entry in (group or {}).values() if entry is not None]
+    return [instance for instance in objects if instance is not None]
 
 
 @dataclass(frozen=True)
