@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 
 from data.dali import DaliLoaders
 from data.ilsvrc import Split
-from data.placement import Placement, Shard
+from data.placement import BatchRequest, Placement, Shard
 from data.spec import ImageSpec
 from data.torchvision_backend import TorchvisionLoaders
 
@@ -98,8 +99,7 @@ def pipelines(split: Split, threads: int, batch: int, pool: ProcessPoolExecutor)
     """Name -> a function measuring that many epochs; loaders and worker processes built once and kept."""
     spec = ImageSpec(image_size=SIZE)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
-    options = dict(spec=spec, batch_size=batch, shard=Shard(), seed=0, trained_batches=lambda: 0)
-    on_cpu = Placement(workers=threads)
+    on_cpu = BatchRequest(split, spec, batch, Shard(), Placement(workers=threads))
     measures = {
         "decode ceiling (decode_jpeg, no augmentation)": partial(
             decode_rates, pool, [split.paths[i::threads] for i in range(threads)]
@@ -112,16 +112,16 @@ def pipelines(split: Split, threads: int, batch: int, pool: ProcessPoolExecutor)
         ),
         "torchvision fast path (decode_jpeg + transforms.v2 on uint8)": partial(
             epoch_rates,
-            TorchvisionLoaders().train(split, placement=on_cpu, **options),
+            TorchvisionLoaders().train(on_cpu, seed=0, trained_batches=lambda: 0),
             finish=lambda x: (x.float() - mean) / std,
         ),
-        "DALI CPU": partial(epoch_rates, DaliLoaders("cpu").train(split, placement=on_cpu, **options)),
+        "DALI CPU": partial(epoch_rates, DaliLoaders("cpu").train(on_cpu, seed=0)),
     }
     if torch.cuda.is_available():
-        on_gpu = Placement(torch.device("cuda", torch.cuda.current_device()), workers=threads)
-        measures["DALI GPU (mixed)"] = partial(
-            epoch_rates, DaliLoaders("mixed").train(split, placement=on_gpu, **options)
+        on_gpu = replace(
+            on_cpu, placement=Placement(torch.device("cuda", torch.cuda.current_device()), workers=threads)
         )
+        measures["DALI GPU (mixed)"] = partial(epoch_rates, DaliLoaders("mixed").train(on_gpu, seed=0))
     return measures
 
 

@@ -21,7 +21,7 @@ from torchvision.transforms.v2.functional import resize
 
 from data.affinity import affinity_mask
 from data.ilsvrc import UNREADABLE_FILE_ADVICE, Split
-from data.placement import Placement, Shard
+from data.placement import BatchRequest, Placement, Shard
 from data.spec import ConfigError, ImageSpec
 
 READER = "Reader"
@@ -49,13 +49,25 @@ class TorchResize:
         return resize(chw, self.size, antialias=True).permute(1, 2, 0).contiguous().numpy()
 
 
-def _resize(images, size: list[int], decoder_device: str, cpus: Sequence[int] | None):
-    """[h, w], or [s] for the shorter side; antialiased bilinear on either device."""
+def torchvision_sized(jpegs, shorter: int, orientation: str):
+    """Per sample, as a DALI node: torchvision's ``Resize(shorter)`` output (height, width) for the encoded image,
+    in integer arithmetic (DALI's ``resize_shorter`` rounds the longer side and keeps a sub-pixel scale: 30% of
+    ILSVRC images came out a pixel larger, and 4x the pixel error; benchmarks/resize_parity.py)."""
+    shape = fn.peek_image_shape(jpegs, adjust_orientation=orientation == "exif", dtype=types.INT64)
+    h, w = shape[0], shape[1]
+    portrait = fn.cast(h > w, dtype=types.INT64)
+    height = portrait * ((shorter * h) // w) + (1 - portrait) * shorter
+    width = (1 - portrait) * ((shorter * w) // h) + portrait * shorter
+    return fn.cast(fn.stack(height, width), dtype=types.FLOAT)
+
+
+def _resize(images, jpegs, size: list[int], spec: ImageSpec, decoder_device: str, cpus: Sequence[int] | None):
+    """[h, w], or [s] for the shorter side; antialiased bilinear on either device, sized as torchvision sizes."""
     if decoder_device == "cpu":
         resize_batch = TorchResize(size, Pipeline.current().num_threads, cpus)
         return fn.python_function(images, function=resize_batch, batch_processing=True)
-    shape = dict(resize_y=size[0], resize_x=size[1]) if len(size) == 2 else dict(resize_shorter=size[0])
-    return fn.resize(images, antialias=True, **shape)
+    shape = torchvision_sized(jpegs, size[0], spec.orientation) if len(size) == 1 else size
+    return fn.resize(images, antialias=True, size=shape)
 
 
 @pipeline_def(enable_conditionals=False)
@@ -101,7 +113,7 @@ def ilsvrc_pipeline(
     else:
         images = fn.decoders.image(jpegs, **decoding)
         size, mirror = [spec.val_resize_size], 0
-    images = _resize(images, size, decoder_device, cpus)
+    images = _resize(images, jpegs, size, spec, decoder_device, cpus)
     images = fn.crop_mirror_normalize(
         images,
         dtype=OUTPUT_DTYPES[image_dtype],
@@ -275,15 +287,7 @@ class DaliLoaders:
         return range(num_images * shard.rank // shard.world_size, num_images * (shard.rank + 1) // shard.world_size)
 
     def train(
-        self,
-        split: Split,
-        *,
-        spec: ImageSpec,
-        batch_size: int,
-        shard: Shard,
-        placement: Placement,
-        seed: int,
-        trained_batches: Callable[[], int] = lambda: 0,
+        self, request: BatchRequest, seed: int, trained_batches: Callable[[], int] = lambda: 0
     ) -> ResumableDaliLoader:
         """Every rank runs ``batches_per_epoch`` steps: the same count on each, full batches only.
 
@@ -291,38 +295,35 @@ class DaliLoaders:
         """
         build_pipeline = partial(
             ilsvrc_pipeline,
-            split=split,
-            spec=spec,
             training=True,
             reader_seed=seed,
-            batch_size=batch_size,
-            seed=seed + 1 + shard.rank,
+            seed=seed + 1 + request.shard.rank,
             enable_checkpointing=True,
-            **self._placed(shard, placement),
+            **self._pipeline_arguments(request),
         )
-        steps = self.batches_per_epoch(len(split), batch_size, shard)
+        steps = self.batches_per_epoch(len(request.split), request.batch_size, request.shard)
         return ResumableDaliLoader(
-            lambda checkpoint: build_pipeline(checkpoint=checkpoint), steps, trained_batches, shard
+            lambda checkpoint: build_pipeline(checkpoint=checkpoint), steps, trained_batches, request.shard
         )
 
-    def val(
-        self, split: Split, *, spec: ImageSpec, batch_size: int, shard: Shard, placement: Placement, ten_crop: bool
-    ) -> DaliLoader:
+    def val(self, request: BatchRequest, ten_crop: bool = False) -> DaliLoader:
         """Each rank its own contiguous shard, the last batch partial: every image counted exactly once."""
         if ten_crop:
             raise ConfigError("data.val_crops", 10, "1 with data/loader=dali (ten crops: data/loader=torchvision)")
-        pipeline = ilsvrc_pipeline(
-            split=split, spec=spec, training=False, batch_size=batch_size, **self._placed(shard, placement)
-        )
+        pipeline = ilsvrc_pipeline(training=False, **self._pipeline_arguments(request))
         return DaliLoader(pipeline, None, LastBatchPolicy.PARTIAL)
 
-    def _placed(self, shard: Shard, placement: Placement) -> dict:
-        """Pipeline arguments that say where it decodes, which shard it reads, and how it uses the machine."""
+    def _pipeline_arguments(self, request: BatchRequest) -> dict:
+        """What the pipeline reads and makes, where it decodes, which shard it reads, how it uses the machine."""
+        shard, placement = request.shard, request.placement
         decoder = self.decoder(placement)
         threads = max(1, placement.workers)  # num_workers=0 means "in this process" for the DataLoader
         cpus = placement.cpus if self.cpu_affinity else ()
         pin_threads(cpus, threads)
         return dict(
+            split=request.split,
+            spec=request.spec,
+            batch_size=request.batch_size,
             decoder_device=decoder,
             device_id=placement.device.index if decoder == "mixed" else None,
             shard=shard,

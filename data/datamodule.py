@@ -18,15 +18,15 @@ import torch
 from compat import trained_batches_in_epoch
 from data.ilsvrc import ILSVRCLayout, Split, load_layout
 from data.index import MODES, indexed_layout
-from data.placement import Placement, Shard, placement_of, shard_of
+from data.placement import BatchRequest, Placement, Shard, placement_of, shard_of
 from data.spec import ConfigError, ImageSpec
 
 log = logging.getLogger(__name__)
 
 
 class Loader(Protocol):
-    """What a loader node (``conf/data/loader/<name>.yaml``) provides: train and val batches of a split, made as
-    the spec says, for one rank placed as the run decides."""
+    """What a loader node (``conf/data/loader/<name>.yaml``) provides: train and val batches as a ``BatchRequest``
+    asks (a split, the spec, the batch size, the rank's shard and placement)."""
 
     name: str
     ten_crop: bool
@@ -37,21 +37,9 @@ class Loader(Protocol):
     @staticmethod
     def val_order(num_images: int, shard: Shard) -> Sequence[int]: ...
 
-    def train(
-        self,
-        split: Split,
-        *,
-        spec: ImageSpec,
-        batch_size: int,
-        shard: Shard,
-        placement: Placement,
-        seed: int,
-        trained_batches: Callable[[], int],
-    ) -> Iterable: ...
+    def train(self, request: BatchRequest, seed: int, trained_batches: Callable[[], int]) -> Iterable: ...
 
-    def val(
-        self, split: Split, *, spec: ImageSpec, batch_size: int, shard: Shard, placement: Placement, ten_crop: bool
-    ) -> Iterable: ...
+    def val(self, request: BatchRequest, ten_crop: bool = False) -> Iterable: ...
 
 
 class ImageNetDataModule(pl.LightningDataModule):
@@ -129,24 +117,14 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> Iterable:
         return self.loader.train(
-            self.layout.train,
-            spec=self.spec,
-            batch_size=self.batch_size,
-            shard=self.shard,
-            placement=self.placement,
-            seed=self.seed,
-            trained_batches=self._trained_batches,
+            self._request(self.layout.train), seed=self.seed, trained_batches=self._trained_batches
         )
 
     def val_dataloader(self) -> Iterable:
-        return self.loader.val(
-            self.layout.val,
-            spec=self.spec,
-            batch_size=self.batch_size,
-            shard=self.shard,
-            placement=self.placement,
-            ten_crop=self.val_crops == 10,
-        )
+        return self.loader.val(self._request(self.layout.val), ten_crop=self.val_crops == 10)
+
+    def _request(self, split: Split) -> BatchRequest:
+        return BatchRequest(split, self.spec, self.batch_size, self.shard, self.placement)
 
     def val_order(self) -> Sequence[int]:
         """Which image of the val split each of this rank's val samples is, in order."""

@@ -1,5 +1,6 @@
 """Where each rank reads and makes its pixels: its shard of the data, its device, its data threads and cores, and the
-run's precision. Decided once per run, when Lightning sets the datamodule up, and handed to the loader.
+run's precision. Decided once per run from the Trainer and handed to the loader with the split and the spec, as a
+``BatchRequest``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import pytorch_lightning as pl
 import torch
 
 from data import affinity
+from data.ilsvrc import Split
+from data.spec import ImageSpec
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,18 @@ class Placement:
     @property
     def half_dtype(self) -> torch.dtype | None:
         return half_dtype(self.precision)
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """What a loader is asked for: batches of ``split`` made as ``spec`` says, ``batch_size`` images each, for the
+    rank that ``shard`` names, placed as ``placement`` says."""
+
+    split: Split
+    spec: ImageSpec
+    batch_size: int
+    shard: Shard = Shard()
+    placement: Placement = Placement()
 
 
 def half_dtype(precision: str | int) -> torch.dtype | None:

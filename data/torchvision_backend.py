@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 
 from compat import UnrepeatedDistributedSampler
 from data.ilsvrc import UNREADABLE_FILE_ADVICE, Split
-from data.placement import Placement, Shard
+from data.placement import BatchRequest, Shard
 from data.spec import ImageSpec
 
 
@@ -125,37 +125,29 @@ class TorchvisionLoaders:
         """The split's images in the order this rank's val loader yields them: every world_size-th from its rank."""
         return range(shard.rank, num_images, shard.world_size)
 
-    def train(
-        self,
-        split: Split,
-        *,
-        spec: ImageSpec,
-        batch_size: int,
-        shard: Shard,
-        placement: Placement,
-        seed: int,
-        trained_batches: Callable[[], int],
-    ) -> DataLoader:
-        sampler = EpochSeededSampler(split, num_replicas=shard.world_size, rank=shard.rank, shuffle=True, seed=seed)
+    def train(self, request: BatchRequest, seed: int, trained_batches: Callable[[], int]) -> DataLoader:
+        shard = request.shard
+        sampler = EpochSeededSampler(
+            request.split, num_replicas=shard.world_size, rank=shard.rank, shuffle=True, seed=seed
+        )
+        dataset = ImageFiles(request.split, request.spec, train_transform(request.spec))
         return ResumableDataLoader(
-            ImageFiles(split, spec, train_transform(spec)),
-            trained_batches=trained_batches,
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=True,
-            **self._workers(placement),
+            dataset, trained_batches=trained_batches, sampler=sampler, drop_last=True, **self._loading(request)
         )
 
-    def val(
-        self, split: Split, *, spec: ImageSpec, batch_size: int, shard: Shard, placement: Placement, ten_crop: bool
-    ) -> DataLoader:
+    def val(self, request: BatchRequest, ten_crop: bool = False) -> DataLoader:
         """Each image exactly once across ranks: no padding duplicates (ranks may differ by one batch)."""
-        sampler = UnrepeatedDistributedSampler(split, num_replicas=shard.world_size, rank=shard.rank, shuffle=False)
-        dataset = ImageFiles(split, spec, val_transform(spec, ten_crop))
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **self._workers(placement))
+        shard = request.shard
+        sampler = UnrepeatedDistributedSampler(
+            request.split, num_replicas=shard.world_size, rank=shard.rank, shuffle=False
+        )
+        dataset = ImageFiles(request.split, request.spec, val_transform(request.spec, ten_crop))
+        return DataLoader(dataset, sampler=sampler, **self._loading(request))
 
-    def _workers(self, placement: Placement) -> dict:
+    def _loading(self, request: BatchRequest) -> dict:
+        placement = request.placement
         return dict(
+            batch_size=request.batch_size,
             num_workers=placement.workers,
             persistent_workers=placement.workers > 0,
             pin_memory=self.pin_memory and placement.device.type == "cuda",

@@ -8,7 +8,7 @@ import torch
 
 from data.dali import DaliLoaders
 from data.ilsvrc import Split
-from data.placement import Placement, Shard
+from data.placement import BatchRequest, Placement, Shard
 from data.spec import ImageSpec
 from data.torchvision_backend import TorchvisionLoaders
 
@@ -34,18 +34,9 @@ def loader(
 ) -> Iterable:
     """``kind``'s train or val loader of ``split``, rank 0 of 1 and one thread unless told otherwise; ``options``:
     the loader node's own (DALI's device, ...)."""
-    node, shard, placement = NODES[kind](**options), shard or Shard(), placement or Placement(workers=1)
-    if train:
-        return node.train(
-            split,
-            spec=spec,
-            batch_size=batch_size,
-            shard=shard,
-            placement=placement,
-            seed=seed,
-            trained_batches=lambda: 0,
-        )
-    return node.val(split, spec=spec, batch_size=batch_size, shard=shard, placement=placement, ten_crop=ten_crop)
+    node = NODES[kind](**options)
+    request = BatchRequest(split, spec, batch_size, shard or Shard(), placement or Placement(workers=1))
+    return node.train(request, seed=seed, trained_batches=lambda: 0) if train else node.val(request, ten_crop=ten_crop)
 
 
 def unnormalised(images: torch.Tensor, spec: ImageSpec) -> torch.Tensor:

@@ -13,8 +13,9 @@ import torch
 
 from benchmarks import jpeg_set
 from data.ilsvrc import load_layout
+from models.card import CARD
 
-from .conftest import PROJECT_ROOT, SHARED_DATA, SMALL_RUN
+from .conftest import PROJECT_ROOT, SHARED_DATA, SMALL_RUN, build_module
 
 MEASUREMENTS = ("data", "synthetic", "trainer", "loop")
 
@@ -94,3 +95,25 @@ def test_data_pipelines_benchmark_measures_every_pipeline(small_demo_root: Path,
     for name, rates in report.items():
         assert len(rates["runs"]) == 2 and all(rate > 0 for rate in rates["runs"]), name
         assert name in done.stdout
+
+
+def test_resize_parity_benchmark_shows_the_gpu_pipeline_resizing_as_torchvision(
+    small_demo_root: Path, tmp_path: Path, make_cfg
+):
+    """On the CPU, DALI's fn.resize as the GPU pipeline configures it (torchvision's output size, linear,
+    antialiased) gives torchvision's sizes and nearly its pixels; DALI's own resize_shorter does not."""
+    checkpoint = tmp_path / "model.ckpt"
+    module = build_module(make_cfg().model, sorted(p.name for p in (small_demo_root / "train").iterdir()))
+    torch.save({"state_dict": module.state_dict(), CARD: module.card.to_dict()}, checkpoint)
+    out = tmp_path / "parity.json"
+    command = [sys.executable, "-m", "benchmarks.resize_parity", str(small_demo_root / "val"), "--resize", "36"]
+    command += ["--checkpoint", str(checkpoint), "--json", str(out)]
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["images"] == 60 and "60 JPEGs" in done.stdout
+    ours = report["pixel_error"]["torchvision's size, linear (the GPU pipeline's)"]
+    assert ours["same_size"] == 1.0 and ours["mean_abs"] < 0.5 and ours["psnr_db"] > 40
+    dalis = report["pixel_error"]["resize_shorter (DALI's default rounding), linear"]
+    assert dalis["same_size"] < 1.0 or dalis["mean_abs"] > ours["mean_abs"]
+    assert 0.9 <= report["top1_agreement"]["torchvision's size, linear (the GPU pipeline's)"] <= 1.0
