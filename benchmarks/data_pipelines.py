@@ -33,7 +33,7 @@ from data.dali import DaliLoaders
 from data.ilsvrc import Split
 from data.placement import BatchRequest, Placement, Shard
 from data.spec import ImageSpec
-from data.torchvision_backend import TorchvisionLoaders
+from data.torchvision_backend import TorchvisionLoaders, train_transform
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +61,20 @@ class ClassicImageFolder(Dataset):
     def __getitem__(self, index: int):
         with Image.open(self.split.paths[index]) as image:
             return self.transform(image.convert("RGB")), self.split.labels[index]
+
+
+class PlainFiles(Dataset):
+    """The plain transforms.v2 recipe on the same decoder: decode_image, the spec's train transform on uint8, nothing
+    else (no per-sample seeding, so no exact mid-epoch resume)."""
+
+    def __init__(self, split: Split, spec: ImageSpec) -> None:
+        self.split, self.transform = split, train_transform(spec)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        return self.transform(decode_image(read_file(self.split.paths[index]), mode=ImageReadMode.RGB)), index
 
 
 def _decode_all(paths: list[str]) -> int:
@@ -109,6 +123,18 @@ def pipelines(split: Split, threads: int, batch: int, pool: ProcessPoolExecutor)
             DataLoader(
                 ClassicImageFolder(split), batch_size=batch, shuffle=True, num_workers=threads, persistent_workers=True
             ),
+        ),
+        "plain decode_jpeg + transforms.v2 on uint8 (no exact resume)": partial(
+            epoch_rates,
+            DataLoader(
+                PlainFiles(split, spec),
+                batch_size=batch,
+                shuffle=True,
+                drop_last=True,
+                num_workers=threads,
+                persistent_workers=True,
+            ),
+            finish=lambda x: (x.float() - mean) / std,
         ),
         "torchvision fast path (decode_jpeg + transforms.v2 on uint8)": partial(
             epoch_rates,

@@ -23,7 +23,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from torchvision.transforms.v2.functional import center_crop, resize
 
-from data.dali import torchvision_sized
+from data.dali import dali_resize, torchvision_sized
 from data.spec import ImageSpec
 from data.torchvision_backend import decode
 from models.card import ModelCard
@@ -32,29 +32,34 @@ from models.zoo import build_net
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-# name -> fn.resize arguments, given the target shorter side and the sample's encoded bytes
-CANDIDATES: dict[str, Callable[[int, object], dict]] = {
-    "resize_shorter (DALI's default rounding), linear": lambda s, jpeg: dict(resize_shorter=s),
-    "resize_shorter, linear, subpixel_scale=False": lambda s, jpeg: dict(resize_shorter=s, subpixel_scale=False),
-    "torchvision's size, linear (the GPU pipeline's)": lambda s, jpeg: dict(size=torchvision_sized(jpeg, s, "stored")),
-    "torchvision's size, triangular": lambda s, jpeg: dict(
-        size=torchvision_sized(jpeg, s, "stored"), interp_type=types.INTERP_TRIANGULAR
+GPU_PIPELINE = "torchvision's size, linear (the GPU pipeline's)"
+# name -> the resized image, given the decoded image, the target shorter side and the sample's encoded bytes
+CANDIDATES: dict[str, Callable] = {
+    "resize_shorter (DALI's default rounding), linear": lambda image, s, jpeg: fn.resize(
+        image, antialias=True, resize_shorter=s
     ),
-    "torchvision's size, cubic": lambda s, jpeg: dict(
-        size=torchvision_sized(jpeg, s, "stored"), interp_type=types.INTERP_CUBIC
+    "resize_shorter, linear, subpixel_scale=False": lambda image, s, jpeg: fn.resize(
+        image, antialias=True, resize_shorter=s, subpixel_scale=False
+    ),
+    GPU_PIPELINE: lambda image, s, jpeg: dali_resize(image, jpeg, [s], "stored"),
+    "torchvision's size, triangular": lambda image, s, jpeg: fn.resize(
+        image, antialias=True, size=torchvision_sized(jpeg, s, "stored"), interp_type=types.INTERP_TRIANGULAR
+    ),
+    "torchvision's size, cubic": lambda image, s, jpeg: fn.resize(
+        image, antialias=True, size=torchvision_sized(jpeg, s, "stored"), interp_type=types.INTERP_CUBIC
     ),
 }
 
 
-def dali_resized(paths: list[str], shorter: int, candidate: Callable[[int, object], dict]) -> list[np.ndarray]:
-    """The JPEGs decoded by DALI's CPU decoder (the same pixels as torchvision's) and resized by its fn.resize with
-    a candidate's arguments (antialiased), as HWC uint8."""
+def dali_resized(paths: list[str], shorter: int, candidate: Callable) -> list[np.ndarray]:
+    """The JPEGs decoded by DALI's CPU decoder (the same pixels as torchvision's) and resized by a candidate's
+    fn.resize, as HWC uint8."""
 
     @pipeline_def(batch_size=1, num_threads=2, device_id=None)
     def one_at_a_time():
         jpeg, _ = fn.readers.file(files=paths, labels=list(range(len(paths))))
         image = fn.decoders.image(jpeg, device="cpu", output_type=types.RGB, adjust_orientation=False)
-        return fn.resize(image, antialias=True, **candidate(shorter, jpeg))
+        return candidate(image, shorter, jpeg)
 
     pipe = one_at_a_time()
     pipe.build()

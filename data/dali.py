@@ -61,13 +61,19 @@ def torchvision_sized(jpegs, shorter: int, orientation: str):
     return fn.cast(fn.stack(height, width), dtype=types.FLOAT)
 
 
+def dali_resize(images, jpegs, size: list[int], orientation: str):
+    """DALI's ``fn.resize`` as the GPU pipeline uses it: antialiased bilinear to [h, w], or for [s] to torchvision's
+    size for the shorter side ``s`` (the settings closest to torchvision's resize: benchmarks/resize_parity.py)."""
+    shape = torchvision_sized(jpegs, size[0], orientation) if len(size) == 1 else size
+    return fn.resize(images, antialias=True, size=shape)
+
+
 def _resize(images, jpegs, size: list[int], spec: ImageSpec, decoder_device: str, cpus: Sequence[int] | None):
     """[h, w], or [s] for the shorter side; antialiased bilinear on either device, sized as torchvision sizes."""
     if decoder_device == "cpu":
         resize_batch = TorchResize(size, Pipeline.current().num_threads, cpus)
         return fn.python_function(images, function=resize_batch, batch_processing=True)
-    shape = torchvision_sized(jpegs, size[0], spec.orientation) if len(size) == 1 else size
-    return fn.resize(images, antialias=True, size=shape)
+    return dali_resize(images, jpegs, size, spec.orientation)
 
 
 @pipeline_def(enable_conditionals=False)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, open_dict
 
 from data.demo import ensure_demo_dataset
 from data.spec import ImageSpec
-from models.card import ModelCard
+from models.card import ModelCard, architecture_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -66,7 +66,8 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
 
 def build_module(model: DictConfig, classes: list[str] | tuple[str, ...], spec: ImageSpec | None = None):
     """``model`` (a composed ``cfg.model``) for these classes, as eval.py builds it: its optimizer goes unused."""
-    return instantiate(model, _partial_=True)(card=ModelCard(tuple(classes), spec or ImageSpec()))
+    card = ModelCard(tuple(classes), spec or ImageSpec(), architecture_of(model.net))
+    return instantiate(model, _partial_=True)(card=card)
 
 
 def run_train(*overrides: str, cache_dir: Path, run_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
