@@ -277,6 +277,16 @@ class DaliLoaders:
             )
         return "mixed" if self.device != "cpu" and placement.device.type == "cuda" else "cpu"
 
+    def where_decoded(self, placement: Placement) -> str:
+        """Where this rank's JPEGs are decoded, for its first log lines."""
+        threads = max(1, placement.workers)
+        if self.decoder(placement) == "mixed":
+            return (
+                f"GPU {placement.device} (DALI mixed: hardware JPEG decoder for {self.hw_decoder_load:.0%}, "
+                f"nvJPEG for the rest; {threads} CPU thread(s))"
+            )
+        return f"CPU (DALI, {threads} thread(s))"
+
     def image_dtype(self, placement: Placement) -> str:
         if self.output_dtype != "auto":
             return self.output_dtype

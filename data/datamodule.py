@@ -41,6 +41,8 @@ class Loader(Protocol):
 
     def val(self, request: BatchRequest, ten_crop: bool = False) -> Iterable: ...
 
+    def where_decoded(self, placement: Placement) -> str: ...
+
 
 class ImageNetDataModule(pl.LightningDataModule):
     """Batches of ``(images, int64 labels)``: normalised floating-point NCHW images, once on the device.

@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 
 from compat import UnrepeatedDistributedSampler
 from data.ilsvrc import UNREADABLE_FILE_ADVICE, Split
-from data.placement import BatchRequest, Shard
+from data.placement import BatchRequest, Placement, Shard
 from data.spec import ImageSpec
 
 
@@ -124,6 +124,11 @@ class TorchvisionLoaders:
     def val_order(num_images: int, shard: Shard) -> range:
         """The split's images in the order this rank's val loader yields them: every world_size-th from its rank."""
         return range(shard.rank, num_images, shard.world_size)
+
+    @staticmethod
+    def where_decoded(placement: Placement) -> str:
+        """Where this rank's JPEGs are decoded, for its first log lines."""
+        return f"CPU (torchvision, {placement.workers} DataLoader worker(s))"
 
     def train(self, request: BatchRequest, seed: int, trained_batches: Callable[[], int]) -> DataLoader:
         shard = request.shard
