@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from models.card import CARD, ModelCard
@@ -57,9 +57,11 @@ class ImageClassifier(pl.LightningModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_metrics = _accuracy_metrics(len(card.classes), "train/")
         self.val_metrics = _accuracy_metrics(len(card.classes), "val/")
-        # Training: no NaN check, which reads a device value on the host at every update (a NaN loss still shows
-        # in the mean). torchmetrics then ignores weights, so its batches are averaged as equals: they are all full.
-        self.train_loss, self.val_loss = MeanMetric(nan_strategy="disable"), MeanMetric()
+        # No NaN checks: each reads a device value on the host at every update (a NaN loss still shows in the
+        # result). Without it torchmetrics' mean ignores weights: train batches are all full, so they are averaged
+        # as equals; val batches are not, so the val loss is a sum of per-image losses over a count of images.
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.val_loss_sum, self.val_images = SumMetric(nan_strategy="disable"), SumMetric(nan_strategy="disable")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images.contiguous(memory_format=self.memory_format))
@@ -84,11 +86,17 @@ class ImageClassifier(pl.LightningModule):
             logits = self(images.flatten(0, 1)).unflatten(0, images.shape[:2]).softmax(-1).mean(1).log()
         else:
             logits = self(images)
-        self.val_loss.update(self.criterion(logits, labels), weight=labels.numel())
+        self.val_loss_sum.update(self.criterion(logits, labels) * labels.numel())
+        self.val_images.update(torch.ones_like(labels, dtype=torch.float32))  # a count made on the device
         self.val_metrics.update(logits, labels)
-        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(self.val_metrics, on_step=False, on_epoch=True, prog_bar=True)
         return logits
+
+    def on_validation_epoch_end(self) -> None:
+        """The mean val loss per image over every rank's images (``compute`` reduces the sums across ranks)."""
+        self.log("val/loss", self.val_loss_sum.compute() / self.val_images.compute(), prog_bar=True)
+        self.val_loss_sum.reset()
+        self.val_images.reset()
 
     def parameter_groups(self) -> list[dict]:
         """Norm weights and biases (every 1-d parameter) optionally without weight decay."""

@@ -135,7 +135,7 @@ class HostSyncProbe(TorchFunctionMode):
 class TrainingStepSyncs(pl.Callback):
     """Points a ``HostSyncProbe`` at a Lightning run: parameters, buffers, the batch as the strategy moves it to
     the device, and the gradients are device values; calls are recorded with the global step of the training step
-    they happen in (not in validation)."""
+    they happen in, or with ``("val", epoch, batch)`` for a validation step."""
 
     def __init__(self, probe: HostSyncProbe) -> None:
         self.probe = probe
@@ -164,5 +164,9 @@ class TrainingStepSyncs(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.probe.label = None
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.probe.label = None
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.probe.device_values([batch])
+        self.probe.label = ("val", trainer.current_epoch, batch_idx)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.probe.label = None  # the epoch end reduces and logs: a read there is once per validation

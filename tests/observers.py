@@ -116,7 +116,9 @@ class ValidationRecord(pl.Callback):
         if path.exists():
             return
         metrics = {name: float(value) for name, value in pl_module.val_metrics.compute().items()}
-        record = {"images": self.images, "metrics": metrics, "loss": float(pl_module.val_loss.compute())}
+        # callbacks' epoch-end hooks run before the module's, which logs and resets the loss sums
+        loss = pl_module.val_loss_sum.compute() / pl_module.val_images.compute()
+        record = {"images": self.images, "metrics": metrics, "loss": float(loss)}
         self.folder.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
 

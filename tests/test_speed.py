@@ -15,7 +15,7 @@ from train import train
 
 
 @pytest.mark.slow
-def test_training_steps_read_no_device_value_between_logging_steps(make_cfg, small_demo_root, monkeypatch):
+def test_training_and_validation_steps_read_no_device_value_between_logging_steps(make_cfg, small_demo_root, monkeypatch):
     log_every = 5
     overrides = ["trainer.max_epochs=2", f"trainer.log_every_n_steps={log_every}", "trainer.enable_progress_bar=true"]
     cfg = make_cfg(*SMALL_RUN, *overrides)  # the progress bar (plain lines here) included
@@ -23,7 +23,8 @@ def test_training_steps_read_no_device_value_between_logging_steps(make_cfg, sma
     monkeypatch.setattr("train.instantiate_all", _with(TrainingStepSyncs(probe)))
     with probe:
         train(cfg)
-    # a step k reads only when it logs (k + 1 a multiple of log_every) or ends an epoch (12 steps per epoch)
+    # a step k reads only when it logs (k + 1 a multiple of log_every) or ends an epoch (12 steps per epoch);
+    # validation steps never do
     allowed = {k for k in range(24) if (k + 1) % log_every == 0 or (k + 1) % 12 == 0}
     stray = [sync for sync in probe.syncs if sync[0] not in allowed]
     assert not stray, sorted({(why, where) for _, why, where in stray})
