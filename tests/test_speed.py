@@ -15,7 +15,7 @@ from train import train
 
 
 @pytest.mark.slow
-def test_training_and_validation_steps_read_no_device_value_between_logging_steps(make_cfg, small_demo_root, monkeypatch):
+def test_train_and_val_steps_read_no_device_value_between_logging_steps(make_cfg, small_demo_root, monkeypatch):
     log_every = 5
     overrides = ["trainer.max_epochs=2", f"trainer.log_every_n_steps={log_every}", "trainer.enable_progress_bar=true"]
     cfg = make_cfg(*SMALL_RUN, *overrides)  # the progress bar (plain lines here) included
