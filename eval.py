@@ -16,6 +16,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from accelerator_check import require_cuda_where_asked
 from assemble import instantiate_all
 from callbacks.error_analysis import ErrorAnalysis
 from models.card import ModelCard, configured_by_card
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validation metrics of ``cfg.ckpt`` (loaded weights-only) with its architecture and image spec, on the val
     split of ``cfg.data``; writes the report."""
+    require_cuda_where_asked(cfg)
     checkpoint = load_weights_only(cfg.ckpt)
     card = ModelCard.of_checkpoint(checkpoint, cfg.ckpt)
     cfg = configured_by_card(cfg, card)

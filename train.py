@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from accelerator_check import require_cuda_where_asked
 from assemble import instantiate_all, training_module
 from loggers import wandb_logger
 from loggers.run_metadata import run_config
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit as configured; returns the final validation metrics."""
+    require_cuda_where_asked(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     trainer: pl.Trainer = instantiate(

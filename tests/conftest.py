@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -70,8 +71,10 @@ def build_module(model: DictConfig, classes: list[str] | tuple[str, ...], spec: 
     return instantiate(model, _partial_=True)(card=card)
 
 
-def run_train(*overrides: str, cache_dir: Path, run_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python train.py OVERRIDES`` in a subprocess, the way a user runs it."""
+def run_train(
+    *overrides: str, cache_dir: Path, run_dir: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python train.py OVERRIDES`` in a subprocess, the way a user runs it; ``env`` adds environment variables."""
     command = [
         sys.executable,
         str(PROJECT_ROOT / "train.py"),
@@ -79,7 +82,8 @@ def run_train(*overrides: str, cache_dir: Path, run_dir: Path, timeout: float = 
         f"hydra.run.dir={run_dir}",
         *overrides,
     ]
-    return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+    environment = {**os.environ, **(env or {})}
+    return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout, env=environment)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -55,6 +55,25 @@ def test_resnet50_fast_recipe(make_cfg):
     assert cfg.trainer.precision == "bf16-mixed" and cfg.model.channels_last
 
 
+GPU_TRAINERS = ("gpu", "ddp", "slurm")
+
+
+def fast_path(cfg) -> str:
+    """A README cell: what a composed config runs with on a GPU."""
+    precision, benchmark = cfg.trainer.precision, "on" if cfg.trainer.benchmark else "off"
+    layout = "channels_last" if cfg.model.channels_last else "NCHW"
+    return f"{cfg.trainer.accelerator}, {precision}, cudnn benchmark {benchmark}, {layout}, fused {cfg.optimizer.fused}"
+
+
+@pytest.mark.parametrize("experiment", [name for name in EXPERIMENTS if name != "demo"])
+def test_gpu_experiments_keep_the_fast_path_with_every_trainer(make_cfg, experiment):
+    """The experiment owns the fast path: trainer=ddp or trainer=slurm no longer drops it to fp32 without a word;
+    README's table shows what each combination composes to."""
+    cells = [fast_path(make_cfg(f"experiment={experiment}", f"trainer={name}", "data.root=x")) for name in GPU_TRAINERS]
+    assert cells == ["gpu, bf16-mixed, cudnn benchmark on, channels_last, fused True"] * len(GPU_TRAINERS)
+    assert f"| `{experiment}` | {' | '.join(cells)} |" in (PROJECT_ROOT / "README.md").read_text()
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_model_matches_torchvision(make_cfg, arch):
     cfg = make_cfg(f"model={arch}")
