@@ -7,9 +7,12 @@ for all ranks so the shards of an epoch partition the set); augmentation seeds d
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -17,6 +20,7 @@ import torch
 from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
+from pytorch_lightning.utilities import rank_zero_info
 from torchvision.transforms.v2.functional import resize
 
 from data.affinity import affinity_mask
@@ -24,9 +28,65 @@ from data.ilsvrc import UNREADABLE_FILE_ADVICE, Split
 from data.placement import BatchRequest, Placement, Shard
 from data.spec import ConfigError, ImageSpec
 
+log = logging.getLogger(__name__)
+
 READER = "Reader"
 OUTPUT_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}  # DALI has no bfloat16: autocast casts fp16 input
 DEVICES = ("auto", "mixed", "cpu")
+MIB = 1 << 20
+# NVIDIA's ResNet-50 example (DeepLearningExamples): nvJPEG's buffers per thread, enough for the largest ILSVRC
+# images without a reallocation; here the most a thread gets, less where the budget is shared by many threads.
+LARGEST_DEVICE_PADDING, LARGEST_HOST_PADDING = 211_025_920, 140_544_512
+SMALLEST_PADDING = 16 * MIB  # DALI's own default device padding: less and large images reallocate often
+HW_STAGING_PER_IMAGE = 300 * 1024  # DALI's pinned staging per image of the hardware decoder's share
+
+
+@dataclass(frozen=True)
+class DecoderMemory:
+    """What a ``mixed`` decoder preallocates, per DALI's documentation and source: one device buffer of
+    ``device_padding`` bytes per thread, two pinned host buffers of ``host_padding`` per thread, pinned staging of
+    300 KiB per image of the hardware decoder's share, and the hardware decoder's pool sized by the hints."""
+
+    device_padding: int = 0
+    host_padding: int = 0
+    width_hint: int = 0
+    height_hint: int = 0
+
+    def arguments(self) -> dict:
+        return dict(
+            device_memory_padding=self.device_padding,
+            host_memory_padding=self.host_padding,
+            preallocate_width_hint=self.width_hint,
+            preallocate_height_hint=self.height_hint,
+        )
+
+
+@dataclass(frozen=True)
+class PipelineMemory:
+    """The memory one ``mixed`` pipeline is built to take: ``device`` bytes on its GPU, ``pinned`` host bytes."""
+
+    threads: int
+    decoder: DecoderMemory
+    output_queue: int  # the prefetched output batches on the GPU
+    hw_staging: int
+
+    @property
+    def device(self) -> int:
+        return self.threads * self.decoder.device_padding + self.output_queue
+
+    @property
+    def pinned(self) -> int:
+        return 2 * self.threads * self.decoder.host_padding + self.hw_staging
+
+    def describe(self, name: str) -> str:
+        return (
+            f"DALI {name} pipeline on the GPU: {self.threads} threads; GPU memory {self.device / MIB:.0f} MiB "
+            f"({self.threads} x {self.decoder.device_padding / MIB:.0f} MiB decoder padding + "
+            f"{self.output_queue / MIB:.0f} MiB of prefetched batches), pinned host memory {self.pinned / MIB:.0f} MiB "
+            f"({self.threads} x 2 x {self.decoder.host_padding / MIB:.0f} MiB + {self.hw_staging / MIB:.0f} MiB "
+            f"hardware-decoder staging); not counted: the hardware decoder's pool for "
+            f"{self.decoder.width_hint}x{self.decoder.height_hint} images"
+        )
 
 
 class TorchResize:
@@ -86,6 +146,7 @@ def ilsvrc_pipeline(
     reader_seed: int = 0,
     image_dtype: str = "float32",
     hw_decoder_load: float = 0.65,
+    decoder_memory: DecoderMemory = DecoderMemory(),
     cpus: Sequence[int] | None = None,
 ):
     """Train: random-resized crop decoded straight from the JPEG, resize, flip. Val: shorter side, centre crop."""
@@ -104,9 +165,8 @@ def ilsvrc_pipeline(
     )
     decoding = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=spec.orientation == "exif")
     if decoder_device == "mixed":  # the hardware decoder's share set explicitly: its default moved across versions
-        decoding |= dict(
-            hw_decoder_load=hw_decoder_load, device_memory_padding=211_025_920, host_memory_padding=140_544_512
-        )
+        decoding |= dict(hw_decoder_load=hw_decoder_load, **decoder_memory.arguments())
+        labels = labels.gpu()  # with the images: no host-to-device copy per step
     if training:
         images = fn.decoders.image_random_crop(
             jpegs,
@@ -245,10 +305,15 @@ class DaliLoaders:
     pipeline's float16 conversion cost ~12% of its speed on 2 cores, more than the halved copy saves).
     ``prefetch_depth``: batches each pipeline prepares ahead; ``hw_decoder_load``: the share of the images the GPU's
     JPEG engine decodes; ``cpu_affinity``: pin each rank's DALI threads to its own cores.
+
+    On the GPU, nvJPEG's buffers are per thread, so a rank with many threads preallocates GBs: ``gpu_memory_mib`` and
+    ``pinned_memory_mib`` are the rank's budget for its train and val pipelines together, and the paddings are sized
+    to fit it; the val pipeline decodes with ``val_threads`` threads (it runs a few minutes per epoch).
     """
 
     name = "dali"
     ten_crop = False
+    PREALLOCATE_HINT = (5980, 6430)  # width, height: NVIDIA's examples', ILSVRC's largest images
 
     def __init__(
         self,
@@ -257,17 +322,25 @@ class DaliLoaders:
         prefetch_depth: int = 2,
         hw_decoder_load: float = 0.65,
         cpu_affinity: bool = True,
+        val_threads: int = 2,
+        gpu_memory_mib: int = 1024,
+        pinned_memory_mib: int = 2048,
     ) -> None:
         if device not in DEVICES:
             raise ConfigError("data.loader.device", device, " or ".join(DEVICES))
         if output_dtype not in ("auto", *OUTPUT_DTYPES):
             raise ConfigError("data.loader.output_dtype", output_dtype, " or ".join(("auto", *OUTPUT_DTYPES)))
-        if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
-            raise ConfigError("data.loader.prefetch_depth", prefetch_depth, "a whole number of batches >= 1")
+        for key, value in dict(prefetch_depth=prefetch_depth, val_threads=val_threads).items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"data.loader.{key}", value, "a whole number >= 1")
         if not 0 <= hw_decoder_load <= 1:
             raise ConfigError("data.loader.hw_decoder_load", hw_decoder_load, "a share between 0 and 1")
+        for key, value in dict(gpu_memory_mib=gpu_memory_mib, pinned_memory_mib=pinned_memory_mib).items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"data.loader.{key}", value, "a whole number of MiB per rank")
         self.device, self.output_dtype, self.prefetch_depth = device, output_dtype, prefetch_depth
-        self.hw_decoder_load, self.cpu_affinity = hw_decoder_load, cpu_affinity
+        self.hw_decoder_load, self.cpu_affinity, self.val_threads = hw_decoder_load, cpu_affinity, val_threads
+        self.gpu_memory, self.pinned_memory = gpu_memory_mib * MIB, pinned_memory_mib * MIB
 
     def decoder(self, placement: Placement) -> str:
         """``mixed`` or ``cpu`` for a rank placed on ``placement.device``."""
@@ -292,6 +365,42 @@ class DaliLoaders:
             return self.output_dtype
         return "float16" if placement.half_dtype is not None and self.decoder(placement) == "mixed" else "float32"
 
+    def threads(self, placement: Placement, training: bool) -> int:
+        """DALI threads of the rank's train or val pipeline (``num_workers=0``: one, in this process's pool)."""
+        threads = max(1, placement.workers)
+        return threads if training or self.decoder(placement) == "cpu" else min(threads, self.val_threads)
+
+    def memory(self, request: BatchRequest, training: bool) -> PipelineMemory:
+        """What the rank's train or val pipeline preallocates, its paddings sized so that both fit the budget.
+
+        Fixed parts first (prefetched output batches, the hardware decoder's staging), then the budget left is
+        shared by every decoder thread of both pipelines, at most NVIDIA's example's padding, at least DALI's default.
+        """
+        if self.decoder(request.placement) == "cpu":
+            return PipelineMemory(self.threads(request.placement, training), DecoderMemory(), 0, 0)
+        image = request.spec.image_size**2 * 3 * (2 if self.image_dtype(request.placement) == "float16" else 4)
+        queue = self.prefetch_depth * request.batch_size * image
+        staging = math.ceil(self.hw_decoder_load * request.batch_size) * HW_STAGING_PER_IMAGE
+        threads = {split: self.threads(request.placement, split) for split in (True, False)}
+        total = sum(threads.values())
+        paddings = {}
+        for key, budget, fixed, buffers, largest in (  # both pipelines: two queues, two stagings
+            ("gpu_memory_mib", self.gpu_memory, 2 * queue, 1, LARGEST_DEVICE_PADDING),
+            ("pinned_memory_mib", self.pinned_memory, 2 * staging, 2, LARGEST_HOST_PADDING),
+        ):
+            padding = (budget - fixed) // (buffers * total) // MIB * MIB
+            if padding < SMALLEST_PADDING:
+                needed = math.ceil((fixed + buffers * total * SMALLEST_PADDING) / MIB)
+                raise ConfigError(
+                    f"data.loader.{key}",
+                    budget // MIB,
+                    f">= {needed} MiB for {total} decoder threads (train and val) and batch {request.batch_size}, "
+                    "or fewer threads (data.num_workers, data.loader.val_threads)",
+                )
+            paddings[key] = min(largest, padding)
+        decoder = DecoderMemory(paddings["gpu_memory_mib"], paddings["pinned_memory_mib"], *self.PREALLOCATE_HINT)
+        return PipelineMemory(threads[training], decoder, queue, staging)
+
     @staticmethod
     def batches_per_epoch(num_images: int, batch_size: int, shard: Shard) -> int:
         """floor(floor(N / world) / batch): the smallest shard's full batches, the same count on every rank."""
@@ -315,7 +424,7 @@ class DaliLoaders:
             reader_seed=seed,
             seed=seed + 1 + request.shard.rank,
             enable_checkpointing=True,
-            **self._pipeline_arguments(request),
+            **self.pipeline_arguments(request, training=True),
         )
         steps = self.batches_per_epoch(len(request.split), request.batch_size, request.shard)
         return ResumableDaliLoader(
@@ -326,14 +435,17 @@ class DaliLoaders:
         """Each rank its own contiguous shard, the last batch partial: every image counted exactly once."""
         if ten_crop:
             raise ConfigError("data.val_crops", 10, "1 with data/loader=dali (ten crops: data/loader=torchvision)")
-        pipeline = ilsvrc_pipeline(training=False, **self._pipeline_arguments(request))
+        pipeline = ilsvrc_pipeline(training=False, **self.pipeline_arguments(request, training=False))
         return DaliLoader(pipeline, None, LastBatchPolicy.PARTIAL)
 
-    def _pipeline_arguments(self, request: BatchRequest) -> dict:
+    def pipeline_arguments(self, request: BatchRequest, training: bool) -> dict:
         """What the pipeline reads and makes, where it decodes, which shard it reads, how it uses the machine."""
         shard, placement = request.shard, request.placement
         decoder = self.decoder(placement)
-        threads = max(1, placement.workers)  # num_workers=0 means "in this process" for the DataLoader
+        memory = self.memory(request, training)
+        if decoder == "mixed":
+            rank_zero_info(memory.describe("train" if training else "val"))
+        threads = memory.threads
         cpus = placement.cpus if self.cpu_affinity else ()
         pin_threads(cpus, threads)
         return dict(
@@ -348,5 +460,6 @@ class DaliLoaders:
             cpus=cpus or None,
             prefetch_queue_depth=self.prefetch_depth,
             hw_decoder_load=self.hw_decoder_load,
+            decoder_memory=memory.decoder,
             image_dtype=self.image_dtype(placement),
         )

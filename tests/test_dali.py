@@ -15,8 +15,8 @@ import torch
 
 from data.dali import DaliLoaders
 from data.ilsvrc import Split, load_layout
-from data.placement import Placement, Shard
-from data.spec import ConfigError
+from data.placement import BatchRequest, Placement, Shard
+from data.spec import ConfigError, ImageSpec
 from tests.loaders import loader, small_spec, unnormalised
 from train import train
 
@@ -328,3 +328,43 @@ def test_auto_output_dtype_is_half_for_gpu_decoding_in_16_bit_runs(device, preci
 def test_gpu_decoding_without_a_gpu_is_refused():
     with pytest.raises(ConfigError, match="data.loader.device='mixed' is not allowed: cpu or auto on this rank"):
         DaliLoaders("mixed").decoder(Placement())
+
+
+def _gpu_request(local_rank: int, workers: int = 27, batch_size: int = 256) -> BatchRequest:
+    """Rank ``local_rank`` of 8 on a node, placed on its GPU with ``workers`` DALI threads, in a bf16 run."""
+    placement = Placement(torch.device("cuda", local_rank), workers=workers, precision="bf16-mixed")
+    return BatchRequest(Split([], []), ImageSpec(), batch_size, Shard(local_rank, 8), placement)
+
+
+def test_gpu_pipelines_of_eight_ranks_with_27_threads_fit_the_memory_budget():
+    """nvJPEG preallocates per thread: with NVIDIA's example's paddings and as many val threads as train threads,
+    54 threads took 10.6 GiB of each GPU and 14.1 GiB of pinned memory per rank (113 GiB per node). The budget's
+    defaults are what the pipelines are built with."""
+    loaders = DaliLoaders()
+    for local_rank in range(8):
+        request = _gpu_request(local_rank)
+        arguments = {training: loaders.pipeline_arguments(request, training) for training in (True, False)}
+        memory = {training: loaders.memory(request, training) for training in (True, False)}
+        assert [arguments[t]["num_threads"] for t in (True, False)] == [27, 2]
+        assert all(arguments[t]["decoder_memory"] == memory[t].decoder for t in (True, False))  # built as counted
+        assert all(arguments[t]["device_id"] == local_rank for t in (True, False))
+        assert sum(m.device for m in memory.values()) <= 1024 * 2**20
+        assert sum(m.pinned for m in memory.values()) <= 2048 * 2**20
+        decoder = memory[True].decoder
+        assert decoder.device_padding >= 16 * 2**20 and decoder.host_padding >= 16 * 2**20
+        assert (decoder.width_hint, decoder.height_hint) == (5980, 6430)
+
+
+def test_a_budget_too_small_for_the_threads_names_the_key_and_what_fits():
+    with pytest.raises(ConfigError, match=r"data.loader.gpu_memory_mib=256 .*>= \d+ MiB for 29 decoder threads"):
+        DaliLoaders(gpu_memory_mib=256).memory(_gpu_request(0), training=True)
+
+
+def test_the_pipeline_decodes_on_the_gpu_the_strategy_placed_the_rank_on():
+    """trainer.devices=[2,3]: local rank 0 drives cuda:2, and its DALI pipeline must too (not local rank 0's index)."""
+    request = _gpu_request(0)
+    placement = Placement(torch.device("cuda", 2), workers=4, precision="bf16-mixed")
+    arguments = DaliLoaders().pipeline_arguments(
+        BatchRequest(request.split, request.spec, 256, Shard(0, 2), placement), True
+    )
+    assert arguments["device_id"] == 2 and arguments["decoder_device"] == "mixed"
