@@ -15,9 +15,9 @@ from typing import Protocol
 import pytorch_lightning as pl
 import torch
 
-from compat import trained_batches_in_epoch
-from data.ilsvrc import ILSVRCLayout, Split, load_layout
-from data.index import MODES, indexed_layout
+from compat import launches_its_ranks_by_rerunning_the_script, trained_batches_in_epoch
+from data.ilsvrc import ILSVRCLayout, Split
+from data.index import MODES, SCOPES, IndexRole, job_run_token, shared_layout, usable_cores
 from data.placement import BatchRequest, Placement, Shard, placement_of, shard_of
 from data.spec import ConfigError, ImageSpec
 
@@ -49,7 +49,9 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     ``batch_size`` is per device; ``num_workers``: DataLoader workers or DALI threads per rank, ``auto`` for the
     rank's share of the node's cores less one; ``index``: how the files are checked before training
-    (data/index.py); ``val_crops``: 1, or 10 for the ten-crop protocol.
+    (data/index.py); ``index_scope``: which rank checks them and scans the folders for the others, ``node`` (local
+    rank 0 of each node) or ``job`` (global rank 0, for a ``cache_dir`` that every node shares), and
+    ``index_wait_s``: how long the others wait for its result; ``val_crops``: 1, or 10 for the ten-crop protocol.
     """
 
     def __init__(
@@ -62,6 +64,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         seed: int = 0,
         index: str = "fast",
         cache_dir: str | os.PathLike = "~/.cache/imagenet-pipeline",
+        index_scope: str = "node",
+        index_wait_s: float = 3600.0,
         val_crops: int = 1,
         backend: str | None = None,
     ) -> None:
@@ -74,18 +78,41 @@ class ImageNetDataModule(pl.LightningDataModule):
             raise ConfigError("data.num_workers", num_workers, "auto, or a count >= 0")
         if index not in MODES:
             raise ConfigError("data.index", index, " or ".join(MODES))
+        if index_scope not in SCOPES:
+            raise ConfigError(
+                "data.index_scope",
+                index_scope,
+                "node (local rank 0 of each node indexes) or job (global rank 0 does: a cache_dir every node shares)",
+            )
+        if isinstance(index_wait_s, bool) or not isinstance(index_wait_s, int | float) or not index_wait_s > 0:
+            raise ConfigError("data.index_wait_s", index_wait_s, "seconds > 0 that a rank waits for the indexing rank")
         if val_crops not in (1, 10) or (val_crops == 10 and not loader.ten_crop):
             allowed = "1 or 10" if loader.ten_crop else f"1 with data/loader={loader.name} (ten crops: torchvision)"
             raise ConfigError("data.val_crops", val_crops, allowed)
         self.root, self.spec, self.loader, self.batch_size = root, spec, loader, batch_size
         self.num_workers, self.seed, self.index, self.cache_dir = num_workers, seed, index, cache_dir
-        self.val_crops = val_crops
+        self.index_scope, self.index_wait_s, self.val_crops = index_scope, index_wait_s, val_crops
+        self.index_role = IndexRole()  # alone, until share_index_with names the run's ranks
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def share_index_with(self, trainer: pl.Trainer) -> None:
+        """One rank of the Trainer's (per node, or per job: ``index_scope``) scans and checks the dataset and the
+        others read its result: called before the layout is first read, which is before ``fit`` attaches the
+        Trainer."""
+        self.index_role = IndexRole(
+            trainer.global_rank,
+            trainer.local_rank,
+            trainer.world_size,
+            self.index_scope,
+            job_run_token(launches_its_ranks_by_rerunning_the_script(trainer)),
+        )
 
     @cached_property
     def layout(self) -> ILSVRCLayout:
         """The scanned and checked dataset without unreadable files; ``DatasetLayoutError`` names a path at fault."""
-        layout = indexed_layout(load_layout(self.root), self.index, self.cache_dir, len(os.sched_getaffinity(0)))
+        layout = shared_layout(
+            self.root, self.index, self.cache_dir, usable_cores(), self.index_role, self.index_wait_s
+        )
         log.info("Dataset %s", layout.summary())
         return layout
 

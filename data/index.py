@@ -4,6 +4,11 @@ DALI has no skip-bad-sample option (one unreadable file is a fatal pipeline erro
 training and only the good ones reach the pipelines. Results are cached per file (size, mtime) in the cache
 folder, saved as the scan goes, so a second run, or one resumed after an interruption, checks only what changed.
 
+In a job of several ranks one rank indexes (local rank 0 of each node, or global rank 0: ``IndexRole``) and writes
+the indexed layout to the cache folder; the others wait for it there and read it, without a look at the dataset.
+There is no process group yet at that point (the layout sizes the run before ``fit``), so the cache folder is the
+only channel: a lock for the indexing ranks, and a marker per run naming the result's SHA-256.
+
     python -m data.index /datasets/ILSVRC2012 [--mode fast|full] [--workers 16]
 
 fast: the header parses as a JPEG or PNG, and the file is whole (ends with its end marker, or else decodes).
@@ -13,15 +18,21 @@ full: every loader's decoder decodes it (torchvision's and DALI's): such a file 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
+import itertools
+import json
 import logging
 import multiprocessing
 import os
+import socket
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +49,16 @@ MODES = ("none", "fast", "full")
 FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG"}  # MPO: phones' multi-picture JPEG (a JPEG first)
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 SAVE_EVERY_S = 30.0
+STAT_THREADS = 32  # stat waits on a network file system's round trip: threads overlap them
+SCOPES = ("node", "job")
+RUN_ENV = "IMAGENET_PIPELINE_RUN"  # the run token that Lightning's launcher's children inherit (job_run_token)
+POLL_S = 0.5
+MARKER_MAX_AGE_S = 7 * 24 * 3600  # a run's marker is read at its start only; older ones are deleted
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU binding: srun --cpu-bind, taskset), not all the node's."""
+    return len(os.sched_getaffinity(0))
 
 
 def check_image(path: str, full: bool) -> str:
@@ -111,9 +132,20 @@ class IndexCache:
         os.replace(staging, self.path)
 
 
+def _stat_all(paths: list[str]) -> list[os.stat_result]:
+    return [os.stat(p) for p in paths]
+
+
+def file_stats(paths: list[str]) -> dict[str, os.stat_result]:
+    """``os.stat`` of every path, in threads: on a network file system each is a round trip, which threads overlap."""
+    chunks = [paths[i : i + 1024] for i in range(0, len(paths), 1024)]
+    with ThreadPoolExecutor(STAT_THREADS) as pool:
+        return dict(zip(paths, itertools.chain.from_iterable(pool.map(_stat_all, chunks))))
+
+
 def index_files(paths: list[str], cache: IndexCache, full: bool, workers: int) -> dict[str, str]:
     """Verdict for every path, checking in parallel only those the cache does not know in their current state."""
-    stats = {p: os.stat(p) for p in paths}
+    stats = file_stats(paths)
     verdicts = {p: cache.verdict(p, stats[p]) for p in paths}
     todo = [p for p, v in verdicts.items() if v is None]
     if todo:
@@ -169,11 +201,176 @@ def indexed_layout(layout: ILSVRCLayout, mode: str, cache_dir: str | os.PathLike
     return replace(layout, train=_keep(layout.train, verdicts), val=_keep(layout.val, verdicts))
 
 
+class IndexWaitError(RuntimeError):
+    """A rank waiting for the indexing rank's result got none: that rank failed, or did not finish in time."""
+
+
+@dataclass(frozen=True)
+class IndexRole:
+    """Who indexes the dataset, and who reads the result from the cache folder. ``scope``: ``node``, local rank 0 of
+    each node indexes (a cache folder per node, or a shared one); ``job``, global rank 0 does (the cache folder must
+    be on a file system every node shares). ``run``: what all ranks of this job share and no other job does, so that
+    no rank trusts an earlier run's result. A process alone (the default) indexes and tells no one."""
+
+    global_rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    scope: str = "node"
+    run: str = ""
+
+    @property
+    def indexes(self) -> bool:
+        return (self.local_rank if self.scope == "node" else self.global_rank) == 0
+
+    @property
+    def indexer(self) -> str:
+        """The rank that indexes for this one, in words."""
+        return f"local rank 0 on {socket.gethostname()}" if self.scope == "node" else "global rank 0"
+
+    @property
+    def group(self) -> str:
+        """What the ranks that share one indexing rank have in common."""
+        return socket.gethostname() if self.scope == "node" else "job"
+
+
+def job_run_token(starts_the_ranks: bool) -> str:
+    """What every rank of this job shares and a later job does not. A process that starts the other ranks itself
+    (Lightning's DDP subprocess launcher) makes one up before it does, and they inherit it with its environment;
+    ranks that srun or torchrun started take their launcher's job, step, run and restart numbers. Where none of these
+    names the job (Lightning's launcher on several nodes with data.index_scope=job), set IMAGENET_PIPELINE_RUN to a
+    value of the job's own on every node."""
+    env = os.environ
+    if starts_the_ranks and RUN_ENV not in env:
+        env[RUN_ENV] = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+    if RUN_ENV in env:
+        return env[RUN_ENV]
+    if "SLURM_JOB_ID" in env:
+        return f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}-{env.get('SLURM_RESTART_COUNT', '0')}"
+    rendezvous = f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+    if "TORCHELASTIC_RUN_ID" in env:
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}-{rendezvous}"
+    return rendezvous
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    staging.write_bytes(data)
+    os.replace(staging, path)
+
+
+class IndexBoard:
+    """The files in the cache folder through which one rank hands its indexed layout of ``root`` to the others: a
+    lock the indexing ranks take in turn, the layout (one per root and mode), and a marker per run and group of ranks
+    that names the layout's SHA-256, or the indexing rank's error. Named from the root as configured (no ``stat`` of
+    it: a waiting rank looks at nothing in the dataset)."""
+
+    def __init__(self, cache_dir: str | os.PathLike, root: str | os.PathLike, mode: str, role: IndexRole) -> None:
+        self.cache_dir, self.root, self.mode, self.role = Path(cache_dir).expanduser(), root, mode, role
+        self.folder = self.cache_dir / "index"
+        name = f"{hashlib.sha1(os.path.abspath(os.path.expanduser(root)).encode()).hexdigest()[:12]}-{mode}"
+        run = hashlib.sha1(f"{role.run}\0{role.group}".encode()).hexdigest()[:12]
+        self.lock_path = self.folder / f"{name}.lock"
+        self.layout_path = self.folder / f"{name}.layout.json"
+        self.marker_path = self.folder / f"{name}.run-{run}.done"
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Held while indexing: a second indexing rank of the dataset (another node's on a shared cache folder,
+        another job's) waits, and then finds the verdicts cached."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("Waiting for %s: another process indexes %s", self.lock_path, self.root)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as error:  # a file system without flock (Lustre without -o flock)
+                log.warning("Indexing without the lock %s (%s): concurrent indexers each check", self.lock_path, error)
+            yield
+
+    def publish(self, layout: ILSVRCLayout, seconds: float) -> None:
+        data = json.dumps(layout.as_record(), separators=(",", ":")).encode()
+        _write_atomically(self.layout_path, data)
+        marker = {"sha256": hashlib.sha256(data).hexdigest(), "indexer": self.role.indexer, "seconds": seconds}
+        _write_atomically(self.marker_path, json.dumps(marker).encode())
+        for old in self.folder.glob("*.done"):
+            with suppress(FileNotFoundError):  # another indexer's clean-up got there first
+                if time.time() - old.stat().st_mtime > MARKER_MAX_AGE_S:
+                    old.unlink()
+
+    def publish_failure(self, error: BaseException) -> None:
+        """Tells the waiting ranks why there is no layout, so that they stop at once with the reason."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.marker_path, json.dumps({"error": f"{type(error).__name__}: {error}"}).encode())
+
+    def wait(self, wait_s: float) -> ILSVRCLayout:
+        """The layout the indexing rank publishes in this run, once it has."""
+        start = time.monotonic()
+        while not self.marker_path.is_file():
+            if time.monotonic() - start > wait_s:
+                raise IndexWaitError(
+                    f"Rank {self.role.global_rank} waited {wait_s:g} s (data.index_wait_s) for {self.role.indexer} "
+                    f"to index {self.root} into {self.folder}, and this run's result ({self.marker_path.name}) is "
+                    "not there: see that rank's log (is it still checking files, or did it stop?), raise "
+                    f"data.index_wait_s, or index before the job: python -m data.index {self.root} --mode "
+                    f"{self.mode} --cache-dir {self.cache_dir}"
+                )
+            time.sleep(POLL_S)
+        marker = json.loads(self.marker_path.read_text())
+        if "error" in marker:
+            raise IndexWaitError(f"{self.role.indexer} could not index {self.root}: {marker['error']}")
+        data = self.layout_path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != marker["sha256"]:
+            raise IndexWaitError(
+                f"{self.layout_path} changed after {self.role.indexer} wrote it for this run (another job indexed "
+                f"{self.root} since, and found other files): start the job again"
+            )
+        log.info(
+            "Rank %d read the index of %s from %s after waiting %.1f s for %s (who took %.1f s)",
+            self.role.global_rank,
+            self.root,
+            self.layout_path,
+            time.monotonic() - start,
+            self.role.indexer,
+            marker["seconds"],
+        )
+        return ILSVRCLayout.from_record(self.root, json.loads(data))
+
+
+def shared_layout(
+    root: str | os.PathLike,
+    mode: str,
+    cache_dir: str | os.PathLike,
+    workers: int,
+    role: IndexRole = IndexRole(),
+    wait_s: float = 3600.0,
+) -> ILSVRCLayout:
+    """The scanned and checked layout of ``root``: made here by a process alone or by its job's indexing rank (which
+    publishes it in the cache folder), read from there by the other ranks once it is published, without a look at
+    the dataset (a scan and a ``stat`` of 1.28 M files per rank would cost each minutes)."""
+    if role.world_size == 1:
+        return indexed_layout(load_layout(root), mode, cache_dir, workers)
+    board = IndexBoard(cache_dir, root, mode, role)
+    if not role.indexes:
+        return board.wait(wait_s)
+    log.info("Rank %d (%s) indexes %s for the ranks of the %s", role.global_rank, role.indexer, root, role.scope)
+    start = time.monotonic()
+    with board.lock():
+        try:
+            layout = indexed_layout(load_layout(root), mode, cache_dir, workers)
+        except BaseException as error:
+            board.publish_failure(error)
+            raise
+        board.publish(layout, time.monotonic() - start)
+    log.info("Indexed %s in %.1f s; the other ranks read it from %s", root, time.monotonic() - start, board.layout_path)
+    return layout
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path)
     parser.add_argument("--mode", choices=MODES[1:], default="fast")
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--workers", type=int, default=usable_cores())
     parser.add_argument(
         "--cache-dir",
         type=Path,
