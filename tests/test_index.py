@@ -1,19 +1,28 @@
-"""Indexing keeps broken files out with their reasons, lets ImageNet's valid oddities through as RGB, and caches."""
+"""Indexing keeps broken files out with their reasons, lets ImageNet's valid oddities through as RGB, and caches;
+in a job of several ranks one rank indexes and the others read its result without a look at the dataset."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 
-from data.ilsvrc import Split, load_layout
-from data.index import IndexCache, indexed_layout
+from benchmarks.startup import calls_per_rank, counting_environment
+from data import index
+from data.ilsvrc import DatasetLayoutError, Split, load_layout
+from data.index import IndexCache, IndexRole, IndexWaitError, indexed_layout, shared_layout
+from data.spec import ConfigError
 from train import train
 
-from .conftest import SMALL_RUN
+from .conftest import SMALL_RUN, run_train
 from .loaders import loader, small_spec, unnormalised
 from .odd_images import NAMES, jpeg_bytes, picture, write_odd_images
 
@@ -144,3 +153,121 @@ def test_a_corrupt_body_that_fast_mode_lets_through_stops_the_run_naming_it(make
     with pytest.raises(RuntimeError) as raised:
         train(cfg)
     assert str(corrupt) in str(raised.value) and "python -m data.index <data.root> --mode full" in str(raised.value)
+
+
+def _role(rank: int, run: str = "this run") -> IndexRole:
+    return IndexRole(global_rank=rank, local_rank=rank, world_size=2, run=run)
+
+
+@pytest.fixture
+def dataset_calls(monkeypatch) -> list[str]:
+    """The paths this process passes to os.stat, os.lstat, os.scandir and os.listdir from now on."""
+    paths: list[str] = []
+    for name in ("stat", "lstat", "scandir", "listdir"):
+        call = getattr(os, name)
+
+        def recorded(path=".", *args, _call=call, **kwargs):
+            paths.append(os.fsdecode(path) if isinstance(path, str | bytes | os.PathLike) else "")
+            return _call(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, recorded)
+    return paths
+
+
+def test_a_waiting_rank_reads_the_indexing_ranks_layout_without_a_look_at_the_dataset(
+    seeded_root: Path, tmp_path: Path, dataset_calls: list[str]
+):
+    published = shared_layout(seeded_root, "fast", tmp_path / "cache", 2, _role(0))
+    assert any(path.startswith(str(seeded_root)) for path in dataset_calls)
+    dataset_calls.clear()
+    read = shared_layout(seeded_root, "fast", tmp_path / "cache", 2, _role(1), wait_s=5)
+    assert read == published and len(read.train) == 240 + len(ODDITIES)  # the broken files left out
+    assert not [path for path in dataset_calls if path.startswith(str(seeded_root))]
+
+
+def test_a_waiting_rank_stops_naming_the_cache_folder_when_no_result_of_its_run_comes(
+    small_demo_root: Path, tmp_path: Path
+):
+    """A result of an earlier run (another run token) is not this run's: the rank waits for its own, then stops."""
+    shared_layout(small_demo_root, "fast", tmp_path / "cache", 2, _role(0, run="an earlier run"))
+    start = time.monotonic()
+    with pytest.raises(IndexWaitError) as waited:
+        shared_layout(small_demo_root, "fast", tmp_path / "cache", 2, _role(1), wait_s=1.5)
+    assert 1.5 <= time.monotonic() - start < 5
+    message = str(waited.value)
+    assert str(tmp_path / "cache" / "index") in message and "local rank 0 on" in message
+    assert "data.index_wait_s" in message and "python -m data.index" in message
+
+
+def test_a_waiting_rank_stops_at_once_with_the_indexing_ranks_error(tmp_path: Path):
+    missing = tmp_path / "no-such-dataset"
+    with pytest.raises(DatasetLayoutError):
+        shared_layout(missing, "fast", tmp_path / "cache", 2, _role(0))
+    with pytest.raises(IndexWaitError, match=f"could not index {missing}: DatasetLayoutError: data root {missing}"):
+        shared_layout(missing, "fast", tmp_path / "cache", 2, _role(1), wait_s=60)
+
+
+def test_worker_count_follows_the_cores_this_process_may_use(small_demo_root, tmp_path: Path, make_cfg, monkeypatch):
+    """A rank bound to one core (srun --cpu-bind, taskset) checks files with one worker, not one per core of the
+    node: in the ``python -m data.index`` command and in training."""
+    workers: list[int] = []
+
+    class RecordingPool(index.ProcessPoolExecutor):
+        def __init__(self, max_workers: int, **kwargs) -> None:
+            workers.append(max_workers)
+            super().__init__(max_workers, **kwargs)
+
+    monkeypatch.setattr(index, "ProcessPoolExecutor", RecordingPool)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(sys, "argv", ["data.index", str(small_demo_root), "--cache-dir", str(tmp_path / "cli")])
+    index.main()
+    datamodule = instantiate(make_cfg(*SMALL_RUN, f"paths.cache_dir={tmp_path / 'train'}").data)
+    assert len(datamodule.layout.train) == 240
+    assert workers == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("override", "allowed"),
+    [("data.index_scope=cluster", "node .* or job"), ("data.index_wait_s=0", "seconds > 0")],
+)
+def test_bad_index_coordination_values_name_key_value_and_what_is_allowed(make_cfg, override: str, allowed: str):
+    with pytest.raises(Exception, match=f"{override.split('=')[0]}=.* is not allowed: {allowed}") as raised:
+        instantiate(make_cfg(*SMALL_RUN, override).data)
+    assert isinstance(raised.value.__cause__, ConfigError)  # Hydra's instantiate wraps it
+
+
+@pytest.mark.slow
+def test_ddp_ranks_other_than_the_indexing_one_look_at_no_dataset_path(
+    small_demo_root: Path, tmp_path: Path, monkeypatch
+):
+    """Two CPU ranks on a fresh cache: rank 0 scans and checks every file; rank 1 makes no os.stat, os.lstat,
+    os.scandir or os.listdir call on a path in the dataset (counted in every process by benchmarks/startup.py's
+    sitecustomize), reads rank 0's result, and both train."""
+    root, counts, ranks = tmp_path / "imagenet", tmp_path / "counts", tmp_path / "ranks"
+    shutil.copytree(small_demo_root, root)
+    for name, value in counting_environment(root, counts).items():
+        monkeypatch.setenv(name, value)
+    result = run_train(
+        "data=imagenet",
+        f"data.root={root}",
+        "data.spec.image_size=32",
+        "data.spec.val_resize_size=36",
+        "data.batch_size=20",
+        "data.num_workers=0",
+        "trainer.enable_progress_bar=false",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_epochs=1",
+        "+callbacks.rank_metrics._target_=tests.observers.RankMetrics",
+        f"+callbacks.rank_metrics.folder={ranks}",
+        cache_dir=tmp_path / "cache",
+        run_dir=tmp_path / "run",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls = calls_per_rank(counts)
+    assert calls[0]["stat"] >= 300 and calls[0]["scandir"] >= 5  # every file; the 4 class folders and val/
+    assert sum(calls[1].values()) == 0, calls[1]
+    assert [json.loads((ranks / f"rank{r}.json").read_text())["global_step"] for r in (0, 1)] == [6, 6]
+    log = result.stdout + result.stderr
+    assert "Rank 0 (local rank 0 on" in log and "Rank 1 read the index of" in log
