@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import io
 import logging
 import sys
 import time
+from typing import TextIO
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
+from rich.text import Text
 
 from callbacks.throughput import ThroughputMonitor
 from compat import advance_rich_bar, refresh_rich_bar_metrics
@@ -26,6 +29,12 @@ def progress_bar(enabled: bool = True, refresh_every_n_steps: int = 50) -> Progr
     return ProgressLines(every_n_steps=refresh_every_n_steps)
 
 
+def shown_metrics(metrics: dict, trainer: pl.Trainer) -> dict:
+    """What a bar shows: Lightning's metrics without ``v_num`` (the logger's version, which the run folder already
+    says), then the step's loss and the throughput."""
+    return {**{name: value for name, value in metrics.items() if name != "v_num"}, **step_metrics(trainer)}
+
+
 def step_metrics(trainer: pl.Trainer) -> dict[str, float]:
     """The last step's loss and the throughput, read here (not logged to the bar, which Lightning would convert
     after every batch): a host read of the loss only when a bar redraws."""
@@ -38,13 +47,70 @@ def step_metrics(trainer: pl.Trainer) -> dict[str, float]:
     return shown
 
 
+class AboveTheBar(io.TextIOBase):
+    """The stream of a log handler that writes to the terminal: while the bar is live, each record is printed by
+    the bar's console, above the bar (rich redraws the bar below it); otherwise it goes to the terminal as before.
+    Written straight to the terminal, a record lands in the middle of the bar's line and leaves a stale copy of
+    the bar behind."""
+
+    def __init__(self, bar: RichProgressBar, terminal: TextIO) -> None:
+        self.bar, self.terminal = bar, terminal
+
+    def write(self, text: str) -> int:
+        progress = self.bar.progress
+        if progress is not None and progress.live.is_started:
+            progress.console.print(Text.from_ansi(text.removesuffix("\n")), soft_wrap=True)
+        else:
+            self.terminal.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.terminal.flush()
+
+    def isatty(self) -> bool:
+        return self.terminal.isatty()
+
+
+def terminal_log_handlers() -> list[logging.StreamHandler]:
+    """The handlers that write log records to a terminal (Hydra's console handler, Lightning's own), not files."""
+    named = [logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)]
+    return [
+        handler
+        for logger in [logging.getLogger(), *named]
+        for handler in logger.handlers
+        if isinstance(handler, logging.StreamHandler)
+        and not isinstance(handler.stream, AboveTheBar)
+        and getattr(handler.stream, "isatty", lambda: False)()
+    ]
+
+
 class SparseRichProgressBar(RichProgressBar):
     """Lightning's rich bar (epoch, step, ETA, loss, img/s): it moves every step, and reads the metrics every
-    ``metrics_every_n_steps`` steps only (Lightning's reads them at every step)."""
+    ``metrics_every_n_steps`` steps only (Lightning's reads them at every step). Log records go above it."""
 
     def __init__(self, metrics_every_n_steps: int = 50) -> None:
         super().__init__()
         self.metrics_every_n_steps = metrics_every_n_steps
+        self.rerouted: dict[logging.StreamHandler, TextIO] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.is_enabled:
+            for handler in terminal_log_handlers():
+                self.rerouted[handler] = handler.setStream(AboveTheBar(self, handler.stream))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self.restore_log_handlers()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self.restore_log_handlers()
+
+    def restore_log_handlers(self) -> None:
+        for handler, terminal in self.rerouted.items():
+            handler.setStream(terminal)
+        self.rerouted.clear()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if self.is_disabled:
@@ -55,7 +121,7 @@ class SparseRichProgressBar(RichProgressBar):
         self.refresh()
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
-        return {**super().get_metrics(trainer, pl_module), **step_metrics(trainer)}
+        return shown_metrics(super().get_metrics(trainer, pl_module), trainer)
 
 
 class ProgressLines(ProgressBar):
@@ -87,7 +153,7 @@ class ProgressLines(ProgressBar):
         total = self.total_train_batches
         seconds = time.perf_counter() - self.epoch_start
         eta = seconds / (done - self.first_batch) * (total - done) if isinstance(total, int) else float("nan")
-        metrics = {**self.get_metrics(trainer, pl_module), **step_metrics(trainer)}
+        metrics = shown_metrics(self.get_metrics(trainer, pl_module), trainer)
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         eta_text = str(datetime.timedelta(seconds=round(eta))) if eta == eta else "?"
         log.info(
