@@ -15,4 +15,5 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 echo "$(date -Is) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NNODES} node(s) x" \
-  "${SLURM_NTASKS_PER_NODE:-?} task(s) on ${SLURM_JOB_NODELIST}, rendezvous ${MASTER_ADDR}:${MASTER_PORT}, ${PYTHON}"
+  "${SLURM_NTASKS_PER_NODE:-?} task(s) x ${SLURM_CPUS_PER_TASK:-?} core(s) on ${SLURM_JOB_NODELIST}," \
+  "rendezvous ${MASTER_ADDR}:${MASTER_PORT}, ${PYTHON}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -97,20 +98,26 @@ def wait_for_lines(path: Path, count: int, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def template_job(env: dict[str, str], tmp_path: Path, template: str, *overrides: str, tasks: int = 2) -> str:
-    """The project's sbatch template for ``tasks`` CPU processes on the one node, training the small demo."""
+def job_run(tmp_path: Path) -> list[str]:
+    """train.py's overrides in a job: the small demo, its cache and outputs under ``tmp_path``."""
+    return [*JOB_RUN, f"paths.cache_dir={tmp_path / 'cache'}", f"paths.log_dir={tmp_path / 'outputs'}"]
+
+
+def template_job(
+    env: dict[str, str], tmp_path: Path, template: str, *overrides: str, tasks: int = 2, cores: int = 1
+) -> str:
+    """The project's sbatch template for ``tasks`` CPU processes of ``cores`` cores on the one node, training the
+    small demo."""
     return sbatch(
         env,
         tmp_path,
         "--nodes=1",
         f"--ntasks-per-node={tasks}",
         "--gpus-per-node=0",
-        "--cpus-per-task=1",
+        f"--cpus-per-task={cores}",
         "--time=15",
         f"slurm/{template}",
-        *JOB_RUN,
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"paths.log_dir={tmp_path / 'outputs'}",
+        *job_run(tmp_path),
         *overrides,
     )
 
@@ -136,6 +143,11 @@ def test_sbatch_template_trains_with_ddp_over_two_tasks(cluster, tmp_path: Path,
     log = next(tmp_path.glob(f"*-{job}.out")).read_text()
     assert state == "COMPLETED", log[-4000:]
     assert "SLURM_PROCID=0 of 2" in log and "SLURM_PROCID=1 of 2" in log
+    # every rank's banner, each task bound to a core of its own (--cpus-per-task=1), no warning
+    cores = [re.search(rf"rank {rank} cores it may run on: (\d+) \(1\)", log) for rank in (0, 1)]
+    assert all(cores) and cores[0][1] != cores[1][1], log[:4000]
+    assert "rank 1 of 2 (local rank 1 of 2)" in log and "[callbacks.rank_banner][WARNING]" not in log
+    assert "step 6/6" in log and "v_num" not in log  # the progress lines of a log file
     assert "global batch 40" in log  # 20 per device x 2 tasks, logged with the scaled learning rate
     run = tmp_path / "outputs" / "train" / job  # the run folder is keyed by the job id
     assert sorted(p.name for p in (run / "csv").iterdir()) == ["version_0"]  # one metrics log: rank zero's
@@ -143,6 +155,40 @@ def test_sbatch_template_trains_with_ddp_over_two_tasks(cluster, tmp_path: Path,
     assert "last.ckpt" in checkpoints and len(checkpoints) == 3  # last + the 2 epochs (top-3)
     assert steps_of(run / "checkpoints" / "last.ckpt") == (2 * STEPS_PER_EPOCH, 1)  # (global step, last epoch)
     assert json.loads((run / "metrics.json").read_text()) == pytest.approx(last_val_row(run))
+
+
+def srun_takes_cpus_per_task_from_sbatch() -> bool:
+    """Not in SLURM 22.05 to 23.02 (srun(1): "not automatically inherited by srun"); before and after, it does."""
+    version = subprocess.run(["sbatch", "--version"], capture_output=True, text=True, check=True).stdout
+    major, minor = map(int, re.search(r"(\d+)\.(\d+)", version).groups())
+    return not (22, 5) <= (major, minor) < (23, 11)
+
+
+@pytest.mark.slurm
+def test_a_task_gets_the_cores_of_cpus_per_task_and_its_log_says_so(cluster, tmp_path: Path):
+    """A 1-task job with --cpus-per-task=2, its tasks bound to cores (the harness's task/affinity): from the
+    template the task may run on 2 cores; from a plain ``srun`` it gets 1 under SLURM 22.05 to 23.02, and its
+    banner warns of it."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 cores")
+    template = template_job(cluster, tmp_path, "single_node.sbatch", "trainer.max_epochs=1", tasks=1, cores=2)
+    command = " ".join([sys.executable, "train.py", "trainer=slurm", *job_run(tmp_path), "trainer.max_epochs=1"])
+    plain = sbatch(cluster, tmp_path, "--job-name=plain-srun", "--ntasks=1", "--cpus-per-task=2", "--time=15",
+                   f"--wrap=srun {command}")  # fmt: skip
+    logs = {}
+    for job in (template, plain):
+        state = wait_for_job(job, timeout=300)
+        logs[job] = next(tmp_path.glob(f"*-{job}.out")).read_text()
+        assert state == "COMPLETED", logs[job][-4000:]
+        assert "rank 0 SLURM: " in logs[job] and "SLURM_CPUS_PER_TASK=2" in logs[job]
+    assert re.search(r"rank 0 cores it may run on: \d+-\d+ \(2\)", logs[template]), logs[template][:4000]
+    assert "x 1 task(s) x 2 core(s)" in logs[template]  # the batch script's line
+    assert "[callbacks.rank_banner][WARNING]" not in logs[template]
+    if srun_takes_cpus_per_task_from_sbatch():
+        assert re.search(r"rank 0 cores it may run on: \d+-\d+ \(2\)", logs[plain]), logs[plain][:4000]
+    else:
+        assert re.search(r"rank 0 cores it may run on: \d+ \(1\)", logs[plain]), logs[plain][:4000]
+        assert "rank 0 may run on 1 core(s) but the job gives each task 2 (SLURM_CPUS_PER_TASK)" in logs[plain]
 
 
 @pytest.mark.slurm

@@ -78,7 +78,10 @@ SlurmdPidFile=$BASE/state/slurmd.pid
 SlurmctldLogFile=$BASE/log/slurmctld.log
 SlurmdLogFile=$BASE/log/slurmd.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+# tasks bound to their cores (sched_setaffinity, no cgroups), as a site that binds to cores does: a step's task gets
+# its --cpus-per-task cores, and 1 where srun is not given the option (SLURM 22.05-23.02 do not pass sbatch's on)
+TaskPlugin=task/affinity
+TaskPluginParam=Cores
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
