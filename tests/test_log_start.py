@@ -9,6 +9,7 @@ import logging
 import os
 import pty
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import torch
 from rich import get_console
 
 from callbacks.model_summary import ModelSummaryWithoutUncountedFlops
-from callbacks.rank_banner import RankBanner, cpu_list
+from callbacks.rank_banner import RankBanner, cpu_list, device_name
 from data.dali import DaliLoaders
 from data.placement import Placement
 from loggers.quiet import LIGHTNING_RANK_ZERO_LOGGERS, DropLightningNotices, quiet_libraries
@@ -82,6 +83,18 @@ def test_rank_banner_warns_of_a_wrong_binding(monkeypatch, caplog):
     assert warned[0].startswith("rank 1 may run on 1 core(s) but the job gives each task 4 (SLURM_CPUS_PER_TASK)")
     assert "srun --cpus-per-task=$SLURM_CPUS_PER_TASK" in warned[0]
     assert warned[1].startswith("rank 1 runs 3 data thread(s) or worker(s) on 1 core(s)")
+
+
+@pytest.mark.gpu
+def test_banner_names_the_gpu_as_nvidia_smi_lists_it():
+    """Index (torch's, which CUDA_VISIBLE_DEVICES renumbers), then name and UUID as ``nvidia-smi -L`` has them."""
+    if not shutil.which("nvidia-smi"):
+        pytest.skip("no nvidia-smi")
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout.splitlines()
+    named = device_name(torch.device("cuda", 0))
+    assert named.startswith(f"GPU 0: {torch.cuda.get_device_name(0)} (UUID: GPU-")
+    (line,) = [line for line in listed if named.split("UUID: ")[1] in line]
+    assert line.split(": ", 1)[1] == named.split(": ", 1)[1]
 
 
 class TinyModule(pl.LightningModule):
