@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from accelerator_check import require_cuda_where_asked
 from assemble import instantiate_all
 from callbacks.error_analysis import ErrorAnalysis
+from loggers.quiet import quiet_libraries
 from models.card import ModelCard, configured_by_card
 from models.export import load_weights_only
 
@@ -52,6 +53,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float:
+    quiet_libraries()
     metrics = evaluate(cfg)
     log.info("Validation metrics (%d crop%s): %s", cfg.data.val_crops, "s" * (cfg.data.val_crops > 1), metrics)
     return metrics["val/acc1"]

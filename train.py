@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from accelerator_check import require_cuda_where_asked
 from assemble import instantiate_all, training_module
 from loggers import wandb_logger
+from loggers.quiet import quiet_libraries
 from loggers.run_metadata import run_config
 from sweeps.summary import METRICS, refuse_subprocess_ddp_in_multirun
 
@@ -51,6 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_libraries()
     metrics = train(cfg)
     log.info("Final validation metrics: %s", metrics)
     return metrics.get("val/acc1")  # the value a Hydra sweeper optimises

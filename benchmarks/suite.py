@@ -226,7 +226,11 @@ class TrainerClock(pl.Callback):
 
 def measure_trainer(cfg: DictConfig, steps: int) -> tuple[Setup, StepClock]:
     clock = StepClock(torch.device("cuda" if _uses_cuda(cfg) else "cpu"))
-    callbacks = [c for c in instantiate_all(cfg.callbacks) if not isinstance(c, pl.callbacks.ModelCheckpoint)]
+    callbacks = [
+        c
+        for c in instantiate_all(cfg.callbacks)
+        if not isinstance(c, (pl.callbacks.ModelCheckpoint, pl.callbacks.ModelSummary))
+    ]
     setup = Setup(
         cfg,
         max_steps=steps,

@@ -325,6 +325,8 @@ def test_submitit_sweep_on_slurm_runs_two_jobs_and_requeues_one(cluster, tmp_pat
     ]
     assert [step for step, _ in trained] == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # each step once (1 task)
     assert trained[-1][1] == 1 and trained[0][1] == 0  # finished by the requeued run
+    (script, *_) = sweep.glob(".submitit/**/*_submission.sh")  # srun gets the job's cores per task
+    assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in script.read_text().split("srun ")[0]
 
 
 @pytest.mark.slow
