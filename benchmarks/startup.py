@@ -25,12 +25,14 @@ import atexit
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,8 @@ COUNT_DIR_ENV = "STARTUP_COUNT_DIR"  # where each process writes <pid>.json
 COUNTED_CALLS = ("stat", "lstat", "scandir", "listdir")
 SITECUSTOMIZE = "from benchmarks.startup import DatasetCallCounter\n\nDatasetCallCounter.from_environment()\n"
 COMPLETE = ".complete"
+# the datamodule's "Dataset ..." line: a rank has its indexed layout (Hydra's log format: local time, milliseconds)
+DATASET_LINE = re.compile(r"^\[([\d-]+ [\d:]+,\d{3})\]\[data\.datamodule\]\[INFO\] - Dataset ", re.MULTILINE)
 
 
 class DatasetCallCounter:
@@ -151,8 +155,8 @@ def build_tree(folder: Path, files: int, samples: Path = SAMPLES) -> Path:
 
 
 def run_to_first_step(project: Path, tree: Path, cache: Path, work: Path, ranks: int, launcher: str) -> dict:
-    """One start of ``project``'s train.py up to its first step: seconds to the last rank's first step, to the end,
-    and every rank's counted calls."""
+    """One start of ``project``'s train.py up to its first step: seconds until the last rank has the dataset's
+    layout, until its first step and to the end, and every rank's counted calls."""
     clock, counts = work / "clock", work / "counts"
     shutil.rmtree(work, ignore_errors=True)
     overrides = [
@@ -189,9 +193,11 @@ def run_to_first_step(project: Path, tree: Path, cache: Path, work: Path, ranks:
     if result.returncode != 0:
         raise SystemExit(f"train.py failed (log in {work / 'log.txt'}):\n{result.stderr[-3000:]}")
     first_steps = [json.loads(path.read_text())["time"] for path in clock.glob("rank*.json")]
-    if len(first_steps) != ranks:
-        raise SystemExit(f"{len(first_steps)} of {ranks} ranks reached a training step (log in {work / 'log.txt'})")
+    datasets = [datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f").timestamp() for t in DATASET_LINE.findall(result.stdout)]
+    if len(first_steps) != ranks or len(datasets) != ranks:
+        raise SystemExit(f"not every rank logged its dataset and reached a step (log in {work / 'log.txt'})")
     return {
+        "seconds_to_dataset": max(datasets) - start,
         "seconds_to_first_step": max(first_steps) - start,
         "seconds_total": end - start,
         "calls": {rank: dict(calls) for rank, calls in calls_per_rank(counts).items()},
@@ -215,7 +221,10 @@ def main() -> None:
     project = args.project.resolve()
     results = []
     print(f"{project} on {tree} ({args.files:,} files), {args.ranks} CPU ranks")
-    print(f"{'launcher':<10}{'cache':<6}{'s to step 1':>12}{'s total':>9}  stat+lstat per rank / scandir+listdir")
+    print(
+        f"{'launcher':<10}{'cache':<6}{'s to data':>10}{'s to step 1':>12}{'s total':>9}"
+        "  stat+lstat per rank / scandir+listdir"
+    )
     for launcher in args.launcher:
         cache = args.folder / "runs" / launcher / "cache"
         shutil.rmtree(cache, ignore_errors=True)
@@ -228,7 +237,8 @@ def main() -> None:
                 _per_rank(result["calls"], ("scandir", "listdir")),
             )
             print(
-                f"{launcher:<10}{state:<6}{result['seconds_to_first_step']:12.1f}{result['seconds_total']:9.1f}"
+                f"{launcher:<10}{state:<6}{result['seconds_to_dataset']:10.1f}{result['seconds_to_first_step']:12.1f}"
+                f"{result['seconds_total']:9.1f}"
                 f"  {stats}  /  {scans}",
                 flush=True,
             )
