@@ -171,6 +171,7 @@ def test_mixed_decoding_on_the_gpu_matches_the_cpu_pipeline(small_demo_root: Pat
     on_cpu = loader("dali", split, train=False, batch_size=8, spec=spec, placement=Placement(workers=2))
     for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(on_gpu, on_cpu):
         assert gpu_images.is_cuda and gpu_images.is_contiguous(memory_format=torch.channels_last)
+        assert gpu_labels.device == gpu_images.device  # no host-to-device copy of the labels per step
         assert torch.equal(gpu_labels.cpu(), cpu_labels)
         assert (gpu_images.cpu() - cpu_images).abs().mean() < 0.1  # nvJPEG vs libjpeg-turbo IDCT
 
