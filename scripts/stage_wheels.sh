@@ -80,7 +80,8 @@ for name, (version, requirements) in sorted(wheels.items()):
         if not applies(requirement, extras[name]) or wanted in preinstalled:
             continue
         if wanted not in wheels:
-            missing.append(f"{wanted}: no wheel staged, and not preinstalled (required by {name} {version}: {requirement})")
+            missing.append(f"{wanted}: no wheel staged, and not preinstalled "
+                           f"(required by {name} {version}: {requirement})")
         elif not requirement.specifier.contains(wheels[wanted][0], prereleases=True):
             missing.append(f"{wanted}: {wheels[wanted][0]} staged, {name} {version} requires {requirement}")
 if missing:
@@ -144,14 +145,18 @@ if [[ $out == .dev ]]; then  # .dev/ stays out of git status and commits
 fi
 
 case ${1:-} in
-  --check) check "${2:?usage: --check WHEEL_DIR PREINSTALLED_FILE}" "${3:?usage: --check WHEEL_DIR PREINSTALLED_FILE}"; exit ;;
+  --check)
+    [[ $# -eq 3 ]] || { echo "usage: bash scripts/stage_wheels.sh --check WHEEL_DIR PREINSTALLED_FILE" >&2; exit 2; }
+    check "$2" "$3"
+    exit ;;
   --jpegs) jpegs "${2:-55}"; exit ;;
   "") ;;
   *) echo "unknown option $1: give --jpegs [MiB], --check WHEEL_DIR PREINSTALLED_FILE or nothing" >&2; exit 2 ;;
 esac
 
 pin() { grep -m1 -iE "^$1==" requirements.txt; }
-roots=("$(pin nvidia-dali-cuda130)" "$(pin hydra-core)" "$(pin rich)" ${EXTRA_WHEELS:-})
+read -ra extra <<<"${EXTRA_WHEELS:-}"
+roots=("$(pin nvidia-dali-cuda130)" "$(pin hydra-core)" "$(pin rich)" "${extra[@]}")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 rm -rf "$out"/part* "$out/whl"; mkdir -p "$out/whl"
