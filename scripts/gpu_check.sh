@@ -85,7 +85,7 @@ done
 
 summary=$out/summary.md
 failed=() current="" started=0 dmon_pid="" step_pid=""
-stop_dmon() {
+stop_dmon() {  # TERM: a background job of a script ignores INT
   if [[ -n $dmon_pid ]]; then kill "$dmon_pid" 2>/dev/null || true; wait "$dmon_pid" 2>/dev/null || true; fi
   dmon_pid=""
 }
@@ -161,7 +161,8 @@ step() {
   ((${lim%.*} <= left)) || lim=$left
   echo "== $name (limit ${lim} s)"
   if [[ $dmon_steps == *" $name "* ]] && command -v nvidia-smi >/dev/null; then
-    nvidia-smi dmon -s u -o T -d 1 >"$out/$name.dmon" 2>&1 &
+    # stdbuf: a line per sample as it comes, so that a kill leaves every sample taken so far in the file
+    stdbuf -oL nvidia-smi dmon -s u -o T -d 1 >"$out/$name.dmon" 2>&1 &
     dmon_pid=$!
   fi
   current=$name started=$SECONDS
