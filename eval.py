@@ -34,6 +34,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     card = ModelCard.of_checkpoint(checkpoint, cfg.ckpt)
     cfg = configured_by_card(cfg, card)
     datamodule = instantiate(cfg.data)
+    trainer = instantiate(cfg.trainer, callbacks=[ErrorAnalysis(cfg.report_dir)], logger=instantiate_all(cfg.logger))
+    datamodule.share_index_with(trainer)  # before the layout is read: one rank indexes, the others read its result
     if tuple(datamodule.classes) != card.classes:
         raise ValueError(
             f"{cfg.ckpt} was trained on {len(card.classes)} classes, {datamodule.root} holds {len(datamodule.classes)} "
@@ -46,7 +48,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(
             f"{cfg.ckpt} does not fit model.net.arch={cfg.model.net.arch}: drop the model override\n{str(error)[:500]}"
         ) from None
-    trainer = instantiate(cfg.trainer, callbacks=[ErrorAnalysis(cfg.report_dir)], logger=instantiate_all(cfg.logger))
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     return {name: float(value) for name, value in metrics.items()}
 
