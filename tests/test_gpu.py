@@ -28,22 +28,11 @@ from data.spec import ImageSpec
 from tests.loaders import loader
 from train import train
 
-from .conftest import SHARED_DATA, SMALL_RUN, run_train
+from .conftest import LEARN, SHARED_DATA, SMALL_RUN, run_train
 
 GPU = ["trainer=gpu"]  # one GPU, bf16-mixed, cudnn benchmark
 TWO_GPUS = ["trainer=ddp", "trainer.accelerator=gpu", "trainer.devices=2", "trainer.precision=bf16-mixed"]
 MIXED = ["data/loader=dali", "data.loader.device=mixed"]  # DALI decodes on the GPU, or the run stops
-# Enough data and pixels for ResNet-18 to learn 4 classes (chance: 0.25), as in tests/test_train.py.
-LEARN = [
-    *SMALL_RUN,
-    "data.root.train_per_class=100",
-    "data.root.short_side=64",
-    "data.spec.image_size=48",
-    "data.spec.val_resize_size=54",
-    "data.batch_size=25",
-    "optimizer.lr=0.3",
-    "trainer.max_epochs=8",
-]
 
 
 def report(name: str, figures: dict) -> None:

@@ -13,19 +13,7 @@ from hydra.utils import instantiate
 from models.card import CARD
 from train import train
 
-from .conftest import SMALL_RUN, build_module, run_train
-
-# Enough data and pixels for ResNet-18 to learn 4 classes in under a minute on 2 cores (chance: 0.25).
-LEARN = [
-    *SMALL_RUN,
-    "data.root.train_per_class=100",
-    "data.root.short_side=64",
-    "data.spec.image_size=48",
-    "data.spec.val_resize_size=54",
-    "data.batch_size=25",
-    "optimizer.lr=0.3",
-    "trainer.max_epochs=8",
-]
+from .conftest import LEARN, SMALL_RUN, build_module, run_train
 
 
 def _epoch_rows(run_dir: Path, version: int = 0) -> list[dict[str, str]]:
