@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
 from rich.text import Text
 
 from callbacks.throughput import ThroughputMonitor
-from compat import advance_rich_bar, refresh_rich_bar_metrics
+from compat import advance_rich_bar, refresh_rich_bar_metrics, rich_bar_render_lock
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class AboveTheBar(io.TextIOBase):
     def write(self, text: str) -> int:
         progress = self.bar.progress
         if progress is not None and progress.live.is_started:
-            progress.console.print(Text.from_ansi(text.removesuffix("\n")), soft_wrap=True)
+            with rich_bar_render_lock(self.bar):  # no redraw by Lightning's refresh thread in mid-print
+                progress.console.print(Text.from_ansi(text.removesuffix("\n")), soft_wrap=True)
         else:
             self.terminal.write(text)
         return len(text)

@@ -12,6 +12,7 @@ PRIVATE_USE = re.compile(
     r"from (pytorch_lightning|lightning_fabric|lightning|hydra)[\w.]* import .*\b_[A-Za-z]"  # private names
     r"|(pytorch_lightning|lightning_fabric|hydra)(\.\w+)*\._\w"  # private modules
     r"|\.(fit_loop|epoch_loop|_return_value|_update_metrics|_initialize_train_progress_bar_id|hpc_save_path)\b"
+    r"|\blive\._lock\b"  # rich's
 )
 
 
