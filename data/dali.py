@@ -352,11 +352,11 @@ class DaliLoaders:
 
     def where_decoded(self, placement: Placement) -> str:
         """Where this rank's JPEGs are decoded, for its first log lines."""
-        threads = max(1, placement.workers)
+        threads = self.threads(placement, training=True)
         if self.decoder(placement) == "mixed":
             return (
                 f"GPU {placement.device} (DALI mixed: hardware JPEG decoder for {self.hw_decoder_load:.0%}, "
-                f"nvJPEG for the rest; {threads} CPU thread(s))"
+                f"nvJPEG for the rest; {threads} CPU thread(s), val {self.threads(placement, training=False)})"
             )
         return f"CPU (DALI, {threads} thread(s))"
 
