@@ -59,7 +59,6 @@ class TrainingPlan:
 
 def training_plan(cfg: DictConfig, datamodule: ImageNetDataModule, trainer: pl.Trainer) -> TrainingPlan:
     """The plan of this run: ``limit_train_batches`` and gradient accumulation applied to the loader's batches."""
-    datamodule.share_index_with(trainer)  # before the layout is read: one rank indexes, the others read its result
     batches = datamodule.train_batches_per_epoch(trainer.world_size)
     limit = trainer.limit_train_batches
     batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)

@@ -38,6 +38,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer, callbacks=instantiate_all(cfg.callbacks), logger=instantiate_all(cfg.logger)
     )
     refuse_subprocess_ddp_in_multirun(trainer)
+    datamodule.share_index_with(trainer)  # before the layout is read: one rank indexes, the others read its result
     module = training_module(cfg, datamodule, trainer)
     for logger in trainer.loggers:
         logger.log_hyperparams(run_config(cfg, trainer.world_size))
