@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
+from callbacks.cpu_group import cpu_group
 from compat import hpc_checkpoint_path
 from loggers import wandb_logger
 from slurm.environment import slurm_job_id
@@ -45,9 +46,7 @@ class PreemptionCheckpoint(pl.Callback):
         # handler, which broadcasts from inside the handler): one owner of both signals.
         for signum in (self.requeue_signal, signal.SIGTERM):
             self._previous_handlers[signum] = signal.signal(signum, self._record)
-        if trainer.world_size > 1 and dist.is_initialized():
-            use_default = dist.get_backend() == "gloo"
-            self._group = dist.group.WORLD if use_default else dist.new_group(backend="gloo")
+        self._group = cpu_group() if trainer.world_size > 1 else None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_handlers()
