@@ -3,7 +3,7 @@ size it resolves sizes the learning rate and the schedule, computed once in mode
 
 python train.py                                   # ResNet-18 on the embedded demo dataset, CPU
 python train.py experiment=resnet50 data.root=/datasets/ILSVRC2012 trainer.devices=8
-python train.py run_id=<an earlier run> ckpt_path=last   # resume that run
+python train.py run_id=<an earlier run>          # continue that run from its newest checkpoint (ckpt_path=auto)
 sbatch slurm/single_node.sbatch experiment=resnet50 data.root=...          # on SLURM (see slurm/README.md)
 python train.py -m hydra/launcher=slurm trainer=slurm model=resnet18,resnet50  # a sweep on SLURM
 """
@@ -24,6 +24,7 @@ from assemble import instantiate_all, training_module
 from loggers import wandb_logger
 from loggers.quiet import quiet_libraries
 from loggers.run_metadata import run_config
+from runs.resume import resume_from
 from sweeps.summary import METRICS, refuse_subprocess_ddp_in_multirun
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = training_module(cfg, datamodule, trainer)
     for logger in trainer.loggers:
         logger.log_hyperparams(run_config(cfg, trainer.world_size))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)  # never runs pickled code
+    ckpt_path = resume_from(cfg.ckpt_path, trainer.default_root_dir, global_rank=trainer.global_rank)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never runs pickled code
     wandb_logger.finish(trainer)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
     if trainer.is_global_zero:  # what a sweep's summary reads (sweeps/summary.py)

@@ -5,6 +5,8 @@ log, so that its first lines are the project's own (each rank's banner, the data
 - Lightning's note that it skips its default model summary: the project configures its own
   (``callbacks.model_summary``);
 - torch 2.14's FutureWarning that ``LeafSpec`` is deprecated, which Lightning 2.6.6 calls at every validation;
+- Lightning's warning that the checkpoint folder "exists and is not empty": a run resumes there by design
+  (``ckpt_path=auto``), and a fresh start moves an earlier run's checkpoints aside (runs/resume.py);
 - Lightning's hint to start the script with ``srun``, on any machine where SLURM is installed: on SLURM the
   project's sbatch templates do (``trainer=slurm``, slurm/README.md), and elsewhere it is wrong.
 
@@ -33,6 +35,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     for name in LIGHTNING_RANK_ZERO_LOGGERS:
         logger = logging.getLogger(name)

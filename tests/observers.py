@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 
 class RankMetrics(pl.Callback):
@@ -142,3 +143,15 @@ class LossScaleAtStart(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         LossScaleAtStart.last = float(trainer.precision_plugin.scaler.get_scale())
+
+
+class PoisonWeights(pl.Callback):
+    """Makes the first weight NaN before the batch after optimizer step ``step``, as a diverging run would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))

@@ -1,0 +1,71 @@
+"""Stop a run whose loss or weights stopped being finite, before such a state becomes its newest checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from callbacks.cpu_group import cpu_group
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE_ENV = "IMAGENET_PIPELINE_PROGRESS_FILE"  # its presence tells slurm/*.sbatch a restart may help
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or a weight is NaN or infinite; the message names the step and where it was found."""
+
+
+def require_finite(trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor | None, when: str) -> None:
+    """Raises NonFiniteLoss on every rank when the loss or (with ``loss=None``) a weight of any rank is not finite.
+    One device-to-host copy and one CPU all-reduce: called at logging steps and before checkpoints, never per step."""
+    if loss is not None:
+        finite = torch.isfinite(loss.detach()).all()
+    else:
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in pl_module.parameters()]).all()
+    finite = finite.to("cpu", torch.int32).reshape(1)
+    group = cpu_group()
+    if group is not None:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)
+    if finite.item():
+        return
+    if loss is None:
+        what = "a weight is NaN or infinite"
+    elif torch.isfinite(loss).all():
+        what = "another rank's training loss is not finite"
+    else:
+        what = f"the training loss is {float(loss):g} on rank {trainer.global_rank}"
+    _not_worth_a_restart(trainer)
+    raise NonFiniteLoss(
+        f"{what} at global step {trainer.global_step} (epoch {trainer.current_epoch}, {when}): stopped "
+        f"before it is saved; the newest checkpoint in {trainer.default_root_dir} precedes it. Lower optimizer.lr, "
+        f"lengthen the warm-up, or check the data; bf16-mixed is the precision that does not overflow"
+    )
+
+
+class StopOnNonFiniteLoss(pl.Callback):
+    """Checks the loss at every logging step (where Lightning already copies it to the host) and the weights before
+    the epoch's end checkpoints (top-k and last, written after validation); mid-epoch checkpoints check their own
+    step (callbacks/mid_epoch_checkpoint.py)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            require_finite(trainer, pl_module, outputs["loss"], "a logging step")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            require_finite(trainer, pl_module, None, "before validation and the epoch's checkpoints")
+
+
+def _not_worth_a_restart(trainer: pl.Trainer) -> None:
+    """A diverged run diverges again from its checkpoint: the batch script must not requeue it."""
+    progress = os.environ.get(PROGRESS_FILE_ENV)
+    if progress and trainer.is_global_zero:
+        try:
+            os.unlink(progress)
+        except FileNotFoundError:
+            pass
