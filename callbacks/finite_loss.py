@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
 from callbacks.cpu_group import cpu_group
+from runs.restart_marker import restart_would_not_help
 
 log = logging.getLogger(__name__)
-
-PROGRESS_FILE_ENV = "IMAGENET_PIPELINE_PROGRESS_FILE"  # its presence tells slurm/*.sbatch a restart may help
 
 
 class NonFiniteLoss(RuntimeError):
@@ -39,11 +37,12 @@ def require_finite(trainer: pl.Trainer, pl_module: pl.LightningModule, loss: tor
         what = "another rank's training loss is not finite"
     else:
         what = f"the training loss is {float(loss):g} on rank {trainer.global_rank}"
-    _not_worth_a_restart(trainer)
+    if trainer.is_global_zero:
+        restart_would_not_help()  # a diverged run diverges again from its checkpoint
     raise NonFiniteLoss(
         f"{what} at global step {trainer.global_step} (epoch {trainer.current_epoch}, {when}): stopped "
         f"before it is saved; the newest checkpoint in {trainer.default_root_dir} precedes it. Lower optimizer.lr, "
-        f"lengthen the warm-up, or check the data; bf16-mixed is the precision that does not overflow"
+        f"lengthen the warm-up, or check the data (with 16-mixed: bf16-mixed has float32's range)"
     )
 
 
@@ -60,12 +59,3 @@ class StopOnNonFiniteLoss(pl.Callback):
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             require_finite(trainer, pl_module, None, "before validation and the epoch's checkpoints")
 
-
-def _not_worth_a_restart(trainer: pl.Trainer) -> None:
-    """A diverged run diverges again from its checkpoint: the batch script must not requeue it."""
-    progress = os.environ.get(PROGRESS_FILE_ENV)
-    if progress and trainer.is_global_zero:
-        try:
-            os.unlink(progress)
-        except FileNotFoundError:
-            pass

@@ -20,6 +20,7 @@ from callbacks.finite_loss import require_finite
 from compat import hpc_checkpoint_path
 from loggers import wandb_logger
 from runs.checkpoints import CHECKPOINTS, TIMED_NAME, prune
+from runs.restart_marker import restart_would_not_help
 from slurm.environment import slurm_job_id
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class MidEpochCheckpoint(pl.Callback):
         for logger in trainer.loggers:
             logger.save()
         wandb_logger.finish(trainer)  # flushed to disk now: a requeue signals W&B's service process too
+        if trainer.is_global_zero:
+            restart_would_not_help()  # the batch script must not requeue it again, nor a job told to end
         job_id = slurm_job_id()
         if request == REQUEUE and job_id and trainer.is_global_zero:
             result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
