@@ -157,14 +157,14 @@ class _Holder:
 
     def describe(self) -> str:
         record, age = self.record, time.time() - self.heartbeat
-        beat = f"last heartbeat {_readable(self.heartbeat)} ({age:.0f} s ago)"
         if not record:
             return f"an unreadable lock file, last written {_readable(self.heartbeat)} ({age:.0f} s ago)"
+        beat = f"last heartbeat {_readable(self.heartbeat)} ({age:.0f} s ago)"
         job, restart = record.get("slurm_job_id"), record.get("slurm_restart_count")
         slurm = f", SLURM job {job}" if job else ""
         slurm += f" (restart {restart})" if job and restart else ""
-        since = f", since {_readable(_seconds(record['taken_at']))}" if "taken_at" in record else ""
-        return f"host {record.get('host')}, pid {record.get('pid')}{slurm}{since}, {beat}"
+        since = _readable(_seconds(record["taken_at"]))
+        return f"host {record.get('host')}, pid {record.get('pid')}{slurm}, since {since}, {beat}"
 
     def stop_command(self) -> str:
         job = self.record.get("slurm_job_id")
@@ -233,7 +233,7 @@ class RunFolderLock:
                 if self._take_over(holder):
                     log.warning("Took over the run lock %s from %s: %s", self.path, holder.describe(), verdict.reason)
                     break
-                time.sleep(0.05)  # another contender is taking it over
+                time.sleep(0.01)  # another contender is taking it over
                 continue
             if verdict.state == WAIT and time.monotonic() < deadline:
                 if not waiting:
@@ -350,6 +350,7 @@ class RunFolderLock:
                 return None
             try:
                 record = json.loads(data)
+                _seconds(record["taken_at"])
                 return _Holder(record, data, _seconds(record["heartbeat_at"]))
             except (ValueError, KeyError, TypeError):
                 time.sleep(0.05)  # caught mid-write
@@ -385,10 +386,10 @@ class RunFolderLock:
     def _message(self, holder: _Holder, verdict: _Verdict, waited: float) -> str:
         after = f" after waiting {waited:g} s for it to go" if waited else ""
         return (
-            f"The run folder {self.run_dir} is in use by another run{after}: {holder.describe()} ({verdict.reason}; "
-            f"lock file {self.path}). Two runs in one folder overwrite each other's checkpoints. Wait for it to end, "
-            f"stop it (`{holder.stop_command()}`), or start this run in another run folder (run_id=<another name>); "
-            f"if you know it is gone, delete {self.path}."
+            f"The run folder {self.run_dir} is in use by another run: {holder.describe()}. It counts as alive{after}: "
+            f"{verdict.reason}. Two runs in one folder overwrite each other's checkpoints: wait for it to end, stop it "
+            f"(`{holder.stop_command()}`), or start this run in another run folder (run_id=<another name>); if you "
+            f"know it is gone, delete {self.path}."
         )
 
     def _is_ours(self) -> bool:
