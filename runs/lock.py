@@ -295,15 +295,16 @@ class RunFolderLock:
 
     def _create(self) -> bool:
         fd, staging = self._staged()
+        won = False
         try:
             won = self._link(staging, self.path)
+            return won
         finally:
             staging.unlink()
-        if won:
-            self._fd = fd
-        else:
-            os.close(fd)
-        return won
+            if won:
+                self._fd = fd
+            else:
+                os.close(fd)
 
     def _take_over(self, stale: _Holder) -> bool:
         """Replace the stale lock; of the contenders that judged these very bytes stale, only the one whose claim
