@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -24,6 +25,7 @@ from assemble import instantiate_all, training_module
 from loggers import wandb_logger
 from loggers.quiet import quiet_libraries
 from loggers.run_metadata import run_config
+from runs.lock import RunFolderLock
 from runs.resume import resume_from
 from sweeps.summary import METRICS, refuse_subprocess_ddp_in_multirun
 
@@ -39,17 +41,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer, callbacks=instantiate_all(cfg.callbacks), logger=instantiate_all(cfg.logger)
     )
     refuse_subprocess_ddp_in_multirun(trainer)
-    datamodule.share_index_with(trainer)  # before the layout is read: one rank indexes, the others read its result
-    module = training_module(cfg, datamodule, trainer)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(run_config(cfg, trainer.world_size))
-    ckpt_path = resume_from(cfg.ckpt_path, trainer.default_root_dir, global_rank=trainer.global_rank)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never runs pickled code
-    wandb_logger.finish(trainer)
-    metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
-    if trainer.is_global_zero:  # what a sweep's summary reads (sweeps/summary.py)
-        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-        Path(cfg.paths.output_dir, METRICS).write_text(json.dumps(metrics, indent=1))
+    # one job per run folder, since runs resume from it: global rank 0 holds it until the run has ended
+    with RunFolderLock(trainer.default_root_dir) if trainer.is_global_zero else nullcontext():
+        datamodule.share_index_with(trainer)  # before the layout is read: one rank indexes, the others read its result
+        module = training_module(cfg, datamodule, trainer)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(run_config(cfg, trainer.world_size))
+        ckpt_path = resume_from(cfg.ckpt_path, trainer.default_root_dir, global_rank=trainer.global_rank)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never runs pickled code
+        wandb_logger.finish(trainer)
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
+        if trainer.is_global_zero:  # what a sweep's summary reads (sweeps/summary.py)
+            Path(cfg.paths.output_dir, METRICS).write_text(json.dumps(metrics, indent=1))
     return metrics
 
 
