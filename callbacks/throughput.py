@@ -1,4 +1,5 @@
-"""Images/s, time waiting for data, step and epoch time, peak GPU memory; and whether an epoch was data-bound."""
+"""Images/s, time waiting for data, step and epoch time, peak GPU memory; whether an epoch was data-bound; and which
+rank the others wait for."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 
 import pytorch_lightning as pl
 import torch
+
+from callbacks.stragglers import Stragglers
 
 log = logging.getLogger(__name__)
 
@@ -18,14 +21,23 @@ class ThroughputMonitor(pl.Callback):
     batch: a loader that keeps up hands it over at once. Only clocks are read per step (no device synchronisation);
     on a GPU the host runs ahead of the device by a few steps, which averages out over a reporting window. Written
     by hand because Lightning's own ThroughputMonitor synchronises the device at every step.
+
+    With several ranks, each report also compares the ranks (``callbacks/stragglers.py``: ``perf/slowest_rank``,
+    ``perf/slowest_ratio``, a warning for a rank slower than ``straggler_factor`` times the others for
+    ``straggler_logs`` reports in a row). Here rather than in a callback of its own: the window's figures exist at
+    this point on every rank, at the same step, and another callback would have to run after this one to read them.
     """
 
-    def __init__(self, data_bound_fraction: float = 0.2) -> None:
+    def __init__(
+        self, data_bound_fraction: float = 0.2, straggler_factor: float = 1.5, straggler_logs: int = 3
+    ) -> None:
         self.data_bound_fraction = data_bound_fraction
         self.images_per_s: float | None = None
+        self.stragglers = Stragglers(straggler_factor, straggler_logs)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.on_train_epoch_start(trainer, pl_module)  # a run resumed in mid-epoch gets no epoch start
+        self.stragglers.start(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.epoch_start = self.window_start = self.last_step_end = time.perf_counter()
@@ -44,6 +56,7 @@ class ThroughputMonitor(pl.Callback):
         if self.window["steps"] < trainer.log_every_n_steps:
             return
         metrics = self._rates(trainer, self.window, self.last_step_end - self.window_start)
+        metrics |= self.stragglers.compare(trainer, metrics["perf/step_time_s"], metrics["perf/data_wait_fraction"])
         if torch.cuda.is_available():
             metrics["perf/gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.images_per_s = metrics["perf/images_per_s"]  # what the progress bar shows
@@ -59,10 +72,11 @@ class ThroughputMonitor(pl.Callback):
         self._log(trainer, {"perf/epoch_time_s": time.perf_counter() - self.epoch_start})
         wait = rates["perf/data_wait_fraction"]
         bound = "data-bound: the input pipeline sets the pace" if wait > self.data_bound_fraction else "compute-bound"
+        slowest = self.stragglers.describe()
         if trainer.is_global_zero:
             log.info(
                 "Epoch %d: %.0f img/s (%.0f per device), %.0f ms per step, %.0f%% of it waiting for data: %s; "
-                "training took %.1f s",
+                "training took %.1f s%s",
                 trainer.current_epoch,
                 rates["perf/images_per_s"],
                 rates["perf/images_per_s_per_device"],
@@ -70,6 +84,7 @@ class ThroughputMonitor(pl.Callback):
                 100 * wait,
                 bound,
                 train_time,
+                f"; {slowest}" if slowest else "",
             )
 
     @staticmethod
