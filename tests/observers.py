@@ -155,3 +155,70 @@ class PoisonWeights(pl.Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 next(pl_module.parameters()).fill_(float("nan"))
+
+
+class HangRank(pl.Callback):
+    """Hangs global rank ``rank`` after training step ``step``: ``how=sleep`` sleeps forever in ``sleep_forever``
+    (it can still report itself), ``how=stop`` stops the process (SIGSTOP: it cannot); writes the time it hangs
+    to ``marker`` first."""
+
+    def __init__(self, rank: int, step: int, how: str, marker: str) -> None:
+        self.rank, self.step, self.how, self.marker = rank, step, how, Path(marker)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import signal
+        import time
+
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            self.marker.write_text(str(time.time()))
+            if self.how == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            self.sleep_forever()
+
+    @staticmethod
+    def sleep_forever() -> None:
+        import time
+
+        while True:
+            time.sleep(60)
+
+
+class SlowRank(pl.Callback):
+    """Global rank ``rank`` sleeps ``seconds`` after every training step (between steps, as a slow loader would)."""
+
+    def __init__(self, rank: int, seconds: float) -> None:
+        self.rank, self.seconds = rank, seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        if trainer.global_rank == self.rank:
+            time.sleep(self.seconds)
+
+
+class SlowStartAndValidation(pl.Callback):
+    """Sleeps ``seconds`` as training starts and as each validation starts: a slow start-up and a slow validation."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        time.sleep(self.seconds)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        time.sleep(self.seconds)
+
+
+class CrashAtStep(pl.Callback):
+    """Raises after optimizer step ``step`` on global rank ``rank``, in every run: a bug that a restart repeats."""
+
+    def __init__(self, step: int, rank: int = 0) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            raise RuntimeError(f"planted crash at step {self.step}")
