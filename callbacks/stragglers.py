@@ -23,10 +23,11 @@ def own_step_times(step_times: list[float], wait_fractions: list[float]) -> list
     """Each rank's step time without its wait for the others.
 
     DDP's gradient all-reduce holds every rank to the slowest one, so the step time (a window's seconds per step)
-    is the same on all; what differs is where each spent it. The time between steps (the loader, the callbacks:
-    the data wait) is a rank's own; the rank that waits longest there is the one the others wait for inside their
-    step, for the difference. A rank's own time is then its step time less that difference. A rank slow on its
-    device (not on the host) is not told apart: every rank's host waits for it alike.
+    is the same on all; what differs is where each spent it. A rank slow to get its batch waits for data longest,
+    and the others wait for it inside their step, for the difference: a rank's own time is its step time less that
+    difference. Not told apart, from the host's clocks: a rank slow on its device (every rank's host waits for it
+    alike), or slow after its step's end (the others wait in Lightning's per-step broadcast of its SIGTERM flag,
+    which the ThroughputMonitor counts as their wait for data too).
     """
     waits = [time * fraction for time, fraction in zip(step_times, wait_fractions)]
     longest = max(waits)
@@ -60,7 +61,6 @@ class Stragglers:
         self.hosts = [""] * trainer.world_size
         with collective("hosts"):
             dist.all_gather_object(self.hosts, socket.gethostname(), group=self._group)
-        self._streaks = [0] * trainer.world_size
 
     def compare(self, trainer: pl.Trainer, step_time_s: float, data_wait_fraction: float) -> dict[str, float]:
         """Every rank, at the same step (collective); the metrics to log (none with one rank)."""
@@ -71,25 +71,30 @@ class Stragglers:
         with collective("step times"):
             dist.all_gather(gathered, mine, group=self._group)
         step_times, wait_fractions = torch.stack(gathered).T.tolist()
+        return self.observe(step_times, wait_fractions, warn=trainer.is_global_zero)
+
+    def observe(self, step_times: list[float], wait_fractions: list[float], warn: bool) -> dict[str, float]:
+        """One window's figures of every rank: the slowest rank and its ratio; a warning (where ``warn``) for a rank
+        whose streak of slow windows reaches ``logs_in_a_row`` (once per streak)."""
         ratios = ratios_to_the_others(own_step_times(step_times, wait_fractions))
         rank = max(range(len(ratios)), key=ratios.__getitem__)
         self.slowest = (rank, ratios[rank])
-        self._streaks = [streak + 1 if ratio > self.factor else 0 for streak, ratio in zip(self._streaks, ratios)]
-        if trainer.is_global_zero:
-            for slow, streak in enumerate(self._streaks):
-                if streak == self.logs_in_a_row:
-                    log.warning(
-                        "Rank %d on %s has been more than %gx slower than the other ranks' median for %d logs in a "
-                        "row (%.2fx now; it waits for data %.0f%% of its step, the median rank %.0f%%): the others "
-                        "wait for it at every step",
-                        slow,
-                        self.hosts[slow],
-                        self.factor,
-                        streak,
-                        ratios[slow],
-                        100 * wait_fractions[slow],
-                        100 * statistics.median(wait_fractions),
-                    )
+        streaks = self._streaks or [0] * len(ratios)
+        self._streaks = [streak + 1 if ratio > self.factor else 0 for streak, ratio in zip(streaks, ratios)]
+        for slow, streak in enumerate(self._streaks):
+            if warn and streak == self.logs_in_a_row:
+                log.warning(
+                    "Rank %d on %s has been more than %gx slower than the other ranks' median for %d logs in a row "
+                    "(%.2fx now; it waits for data %.0f%% of its step, the median rank %.0f%%): the others wait for "
+                    "it at every step",
+                    slow,
+                    self.hosts[slow],
+                    self.factor,
+                    streak,
+                    ratios[slow],
+                    100 * wait_fractions[slow],
+                    100 * statistics.median(wait_fractions),
+                )
         return {"perf/slowest_rank": float(rank), "perf/slowest_ratio": ratios[rank]}
 
     def describe(self) -> str:

@@ -184,16 +184,27 @@ class HangRank(pl.Callback):
 
 
 class SlowRank(pl.Callback):
-    """Global rank ``rank`` sleeps ``seconds`` after every training step (between steps, as a slow loader would)."""
+    """Global rank ``rank`` takes ``seconds`` longer to get each training batch, as a slow loader would: the sleep is
+    in the datamodule's ``on_after_batch_transfer``, between the fetch and the step (the other ranks wait for it in
+    the step's gradient all-reduce)."""
 
     def __init__(self, rank: int, seconds: float) -> None:
         self.rank, self.seconds = rank, seconds
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         import time
 
-        if trainer.global_rank == self.rank:
-            time.sleep(self.seconds)
+        datamodule = trainer.datamodule
+        if trainer.global_rank != self.rank:
+            return
+        transfer = datamodule.on_after_batch_transfer
+
+        def slow_transfer(batch, dataloader_idx: int):
+            if trainer.training:
+                time.sleep(self.seconds)
+            return transfer(batch, dataloader_idx)
+
+        datamodule.on_after_batch_transfer = slow_transfer
 
 
 class SlowStartAndValidation(pl.Callback):
