@@ -48,9 +48,9 @@ def _metrics(run_dir: Path) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize("slow_rank", [True, False], ids=["rank-1-slow", "equal-ranks"])
 def test_ddp_names_the_slow_rank_and_warns_with_its_host(tmp_path: Path, slow_rank: bool):
-    """Rank 1 takes 0.6 s longer to get each batch (tests.observers.SlowRank): every report names it at more than 1.5x the
-    other's time, and the third in a row warns with its host. With equal ranks: no warning, ratios near 1."""
-    slow = ["+callbacks.slow._target_=tests.observers.SlowRank", "+callbacks.slow.rank=1", "+callbacks.slow.seconds=0.6"]
+    """Rank 1 takes 0.6 s longer to get each batch (tests.observers.SlowRank): every report names it at more than
+    1.5x the other's time, and the third in a row warns with its host. With equal ranks: no warning, ratios near 1."""
+    slow = ["+callbacks.slow._target_=tests.observers.SlowRank", "+callbacks.slow.rank=1", "+callbacks.slow.seconds=.6"]
     run_dir = tmp_path / "run"
     result = run_train(
         *SMALL_RUN,
