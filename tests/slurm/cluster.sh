@@ -1,33 +1,79 @@
 #!/usr/bin/env bash
-# The tests' own SLURM cluster: slurmctld + slurmd + munge on 127.0.0.1, one node with this machine's CPUs and memory.
+# The tests' own SLURM cluster: two nodes on this machine, each its own "host". slurmctld and munged run on the host
+# side; node1 and node2 each run a slurmd in a network + UTS namespace of their own (own hostname, own address
+# 192.168.77.N on an interface named eth0), joined to the host by a bridge (192.168.77.254). Both nodes advertise
+# this machine's CPUs and memory. The namespaces share the host's mount and PID namespaces: same files, same munge
+# socket, same /tmp, and their processes are visible (and signalled) from the host.
 #
-#   bash tests/slurm/cluster.sh up      # installs Debian's slurm and munge if missing, starts, waits for 'idle'
-#   bash tests/slurm/cluster.sh down    # stops what 'up' started, by PID
+#   bash tests/slurm/cluster.sh up                   # installs Debian's slurm and munge if missing, starts, waits for 'idle'
+#   bash tests/slurm/cluster.sh down                 # stops everything and removes the namespaces and links it made
+#   bash tests/slurm/cluster.sh kill-node NODE       # the node loses power: its link goes down, its slurmd and job
+#                                                    # tasks get SIGKILL (nothing reaches the other node)
+#   bash tests/slurm/cluster.sh start-node NODE      # the node comes back: link up, slurmd started, waits until it serves
+#   bash tests/slurm/cluster.sh exec-node NODE CMD.. # runs CMD on the node (in its namespaces)
 #
-# Needs root and apt (Debian 12). No systemd: the daemons run in the foreground (-D) as background jobs, their PIDs
-# in $SLURM_CLUSTER_DIR/*.pid. Recipe: ../shared/notes/slurm-on-loopback.md. State and logs: $SLURM_CLUSTER_DIR.
+# Needs root, iproute2 and apt (Debian 12). No systemd: the daemons run in the foreground (-D) as background jobs,
+# their PIDs in $SLURM_CLUSTER_DIR/*.pid. Recipe: ../shared/notes/slurm-on-loopback.md. State and logs:
+# $SLURM_CLUSTER_DIR. One such cluster per machine (the namespaces, links, ports and /etc/slurm are the machine's).
 set -euo pipefail
 BASE=${SLURM_CLUSTER_DIR:-/tmp/imagenet-pipeline-slurm}
-DAEMONS=(slurmd slurmctld munged)
+NODES=(node1 node2)
+NET=192.168.77        # a private /24 on the bridge only: node N is .N, the host side (slurmctld) .254
+HOST_ADDR=$NET.254
+BRIDGE=slurmtest-br
+UTS_DIR=/run/slurmtest-uts  # the nodes' UTS namespaces, kept by bind mounts as `ip netns` keeps network ones
+NODE_IF=eth0          # the same name on every node, so that one GLOO_SOCKET_IFNAME fits all
+
+netns() { echo "slurmtest-$1"; }
+node_addr() { echo "$NET.${1#node}"; }
+is_node() { [[ " ${NODES[*]} " == *" $1 "* ]] || { echo "no node '$1' (nodes: ${NODES[*]})" >&2; exit 2; }; }
+exec_in_node() { local node=$1; shift; exec nsenter --net="/run/netns/$(netns "$node")" --uts="$UTS_DIR/$node" -- "$@"; }
+
+stop_pid() {  # SIGTERM, then SIGKILL after 10 s
+  local name=$1 pidfile="$BASE/$1.pid" pid
+  [ -f "$pidfile" ] || return 0
+  pid=$(cat "$pidfile")
+  if kill "$pid" 2>/dev/null; then
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    echo "stopped $name ($pid)"
+  fi
+  rm -f "$pidfile"
+}
+
+kill_namespace() {  # SIGKILL every process in the node's network namespace, until none is left
+  local ns pids
+  ns=$(netns "$1")
+  for _ in $(seq 50); do
+    pids=$(ip netns pids "$ns" 2>/dev/null) || return 0
+    [ -n "$pids" ] || return 0
+    kill -9 $pids 2>/dev/null || true
+    sleep 0.1
+  done
+  echo "processes still in $ns: $pids" >&2
+  return 1
+}
 
 down() {
-  local jobs
-  jobs=$(squeue -h -o %i 2>/dev/null || true)
+  local jobs node
+  jobs=$(timeout 10 squeue -h -o %i 2>/dev/null || true)
   if [ -n "$jobs" ]; then
-    scancel $jobs || true
-    for _ in $(seq 100); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2; done
+    timeout 10 scancel $jobs || true
+    for _ in $(seq 100); do [ -z "$(timeout 10 squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2; done
   fi
-  for daemon in "${DAEMONS[@]}"; do
-    local pidfile="$BASE/$daemon.pid" pid
-    [ -f "$pidfile" ] || continue
-    pid=$(cat "$pidfile")
-    if kill "$pid" 2>/dev/null; then
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-      kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-      echo "stopped $daemon ($pid)"
+  for node in "${NODES[@]}"; do
+    stop_pid "slurmd-$node"
+    kill_namespace "$node"
+    ip netns del "$(netns "$node")" 2>/dev/null || true  # takes its end of the veth pair, and so the pair, with it
+    if [ -e "$UTS_DIR/$node" ]; then
+      umount "$UTS_DIR/$node" 2>/dev/null || true
+      rm -f "$UTS_DIR/$node"
     fi
-    rm -f "$pidfile"
   done
+  ip link del "$BRIDGE" 2>/dev/null || true
+  rmdir "$UTS_DIR" 2>/dev/null || true
+  stop_pid slurmctld
+  stop_pid munged
 }
 
 install_packages() {
@@ -56,15 +102,38 @@ start_munge() {
   echo "munged did not come up: $(cat "$BASE/log/munged.out")" >&2; exit 1
 }
 
+make_network() {  # a bridge on the host side; per node a network namespace, a veth pair into the bridge, a UTS namespace
+  local node ns
+  ip link add "$BRIDGE" type bridge
+  ip link set "$BRIDGE" addrgenmode none  # no IPv6 link-local address: the /24 is the only one
+  ip addr add "$HOST_ADDR/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  mkdir -p "$UTS_DIR"
+  for node in "${NODES[@]}"; do
+    ns=$(netns "$node")
+    ip netns add "$ns"
+    ip link add "veth-$node" type veth peer name "$NODE_IF" netns "$ns"
+    ip link set "veth-$node" addrgenmode none
+    ip -n "$ns" link set "$NODE_IF" addrgenmode none
+    ip link set "veth-$node" master "$BRIDGE" up
+    ip -n "$ns" addr add "$(node_addr "$node")/24" dev "$NODE_IF"
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link set "$NODE_IF" up
+    touch "$UTS_DIR/$node"
+    unshare --uts="$UTS_DIR/$node" hostname "$node"
+  done
+}
+
 write_config() {
-  local node=$1 hw
+  local hw node
   hw=$(slurmd -C | head -1)
   get() { echo "$hw" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
   mkdir -p /etc/slurm
-  cat >/etc/slurm/slurm.conf <<EOF
-# Written by tests/slurm/cluster.sh: a one-node test cluster on loopback.
+  {
+    cat <<EOF
+# Written by tests/slurm/cluster.sh: a two-node test cluster, each node in its own network namespace.
 ClusterName=imagenet-pipeline-tests
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost=$(hostname -s)($HOST_ADDR)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -72,11 +141,12 @@ CredType=cred/munge
 # cred_expire also sets how long a requeued job waits before it starts again (default 120 s)
 AuthInfo=cred_expire=5
 StateSaveLocation=$BASE/state/ctld
-SlurmdSpoolDir=$BASE/state/d
+# %n: the node's name, one spool folder, pid file and log per slurmd
+SlurmdSpoolDir=$BASE/state/%n
 SlurmctldPidFile=$BASE/state/slurmctld.pid
-SlurmdPidFile=$BASE/state/slurmd.pid
+SlurmdPidFile=$BASE/state/slurmd-%n.pid
 SlurmctldLogFile=$BASE/log/slurmctld.log
-SlurmdLogFile=$BASE/log/slurmd.log
+SlurmdLogFile=$BASE/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 # tasks bound to their cores (sched_setaffinity, no cgroups), as a site that binds to cores does: a step's task gets
 # its --cpus-per-task cores, and 1 where srun is not given the option (SLURM 22.05-23.02 do not pass sbatch's on)
@@ -94,44 +164,97 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
 MailProg=/bin/true
+# a node that was down (a killed slurmd) serves again once its slurmd registers
 ReturnToService=2
 JobRequeue=1
 # time between SIGTERM and SIGKILL: a job saves its checkpoint in it
 KillWait=30
 MinJobAge=600
 SlurmctldTimeout=30
-SlurmdTimeout=30
+# a node whose slurmd does not answer for 10 s is DOWN, and its jobs are requeued (--requeue) or ended
+SlurmdTimeout=10
 InactiveLimit=0
 Waittime=0
-NodeName=$node NodeAddr=127.0.0.1 CPUs=$(get CPUs) Boards=1 SocketsPerBoard=$(get SocketsPerBoard) CoresPerSocket=$(get CoresPerSocket) ThreadsPerCore=$(get ThreadsPerCore) RealMemory=$(( $(get RealMemory) * 9 / 10 )) State=UNKNOWN
-PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
 EOF
+    for node in "${NODES[@]}"; do
+      echo "NodeName=$node NodeAddr=$(node_addr "$node") CPUs=$(get CPUs) Boards=1" \
+        "SocketsPerBoard=$(get SocketsPerBoard) CoresPerSocket=$(get CoresPerSocket) ThreadsPerCore=$(get ThreadsPerCore)" \
+        "RealMemory=$(( $(get RealMemory) * 9 / 10 )) State=UNKNOWN"
+    done
+    echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP"
+  } >/etc/slurm/slurm.conf
+}
+
+start_slurmd() {
+  local node=$1
+  mkdir -p "$BASE/state/$node"
+  exec_in_node "$node" /usr/sbin/slurmd -D -N "$node" </dev/null >"$BASE/log/slurmd-$node.out" 2>&1 &
+  echo $! >"$BASE/slurmd-$node.pid"
+}
+
+serving() {  # SINCE NODE...: each idle or running jobs, with a slurmd that registered at SINCE or later
+  local since=$1 node started
+  for node in "${@:2}"; do
+    [[ $(sinfo -h -n "$node" -o %T 2>/dev/null | sort -u) =~ ^(idle|mixed|allocated|completing)$ ]] || return 1
+    started=$(scontrol show node "$node" | sed -n 's/.*SlurmdStartTime=\([^ ]*\).*/\1/p')
+    [[ ! $started < $since ]] || return 1  # ISO times compare as strings
+  done
+}
+
+wait_until_serving() {  # SINCE NODE...; on a timeout, fails with the daemons' log tails
+  for _ in $(seq 150); do serving "$@" && return 0; sleep 0.2; done
+  echo "node(s) ${*:2} not serving 30 s after starting:" >&2
+  sinfo -N >&2 || true
+  local out
+  for out in "$BASE"/log/*.out; do  # each daemon's stderr: its log, and what it said before opening it
+    echo "--- $out" >&2
+    grep -v -i pmix "$out" | tail -n 20 >&2  # not the missing PMIx library's lines, on every start
+  done
+  return 1
 }
 
 up() {
   down >/dev/null 2>&1 || true
   rm -rf "$BASE/state" "$BASE/log"
-  mkdir -p "$BASE/state/ctld" "$BASE/state/d" "$BASE/log"
+  mkdir -p "$BASE/state/ctld" "$BASE/log"
   install_packages
   start_munge
-  local node
-  node=$(hostname -s)
-  write_config "$node"
+  make_network
+  write_config
   # -c: no job state from an earlier cluster
   /usr/sbin/slurmctld -D -c </dev/null >"$BASE/log/slurmctld.out" 2>&1 &
   echo $! >"$BASE/slurmctld.pid"
   for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
-  /usr/sbin/slurmd -D -N "$node" </dev/null >"$BASE/log/slurmd.out" 2>&1 &
-  echo $! >"$BASE/slurmd.pid"
-  for _ in $(seq 150); do [ "$(sinfo -h -n "$node" -o %T 2>/dev/null | sort -u)" = idle ] && break; sleep 0.2; done
-  if [ "$(sinfo -h -n "$node" -o %T | sort -u)" != idle ]; then
-    echo "node $node is not idle:" >&2; sinfo >&2; tail -20 "$BASE"/log/*.log >&2; down; exit 1
-  fi
-  sinfo
+  local node since
+  since=$(date +%FT%T)
+  for node in "${NODES[@]}"; do start_slurmd "$node"; done
+  wait_until_serving "$since" "${NODES[@]}" || { down >/dev/null 2>&1 || true; exit 1; }
+  sinfo -N -o "%N %T %c %m"
+}
+
+kill_node() {
+  local node=$1
+  # first the link, as when a node loses power: nothing in flight, no reset of a connection, reaches its peers
+  ip -n "$(netns "$node")" link set "$NODE_IF" down
+  kill_namespace "$node"
+  rm -f "$BASE/slurmd-$node.pid"
+  echo "killed $node"
+}
+
+start_node() {
+  local node=$1 since
+  since=$(date +%FT%T)
+  ip -n "$(netns "$node")" link set "$NODE_IF" up
+  start_slurmd "$node"
+  wait_until_serving "$since" "$node"
+  echo "started $node"
 }
 
 case "${1:-}" in
   up) up ;;
   down) down ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  kill-node) is_node "${2:-}" && kill_node "$2" ;;
+  start-node) is_node "${2:-}" && start_node "$2" ;;
+  exec-node) is_node "${2:-}" && exec_in_node "$2" "${@:3}" ;;
+  *) echo "usage: $0 up|down|kill-node NODE|start-node NODE|exec-node NODE CMD..." >&2; exit 2 ;;
 esac
