@@ -19,6 +19,9 @@ from data.demo import ensure_demo_dataset
 from data.spec import ImageSpec
 from models.card import ModelCard, architecture_of
 
+# The session's SLURM cluster (the `cluster` fixture) for every test module that submits jobs.
+pytest_plugins = ["tests.slurm_jobs"]
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 

@@ -1,5 +1,5 @@
-"""SLURM: the sbatch templates, preemption and requeue, submitit sweeps, on a real one-node cluster (slurm marker);
-the job-layout checks and the sweep summary without one."""
+"""SLURM: the sbatch templates on one node and across two, preemption and requeue, submitit sweeps, on a real
+two-node cluster (slurm marker; tests/slurm_jobs.py); the job-layout checks and the sweep summary without one."""
 
 from __future__ import annotations
 
@@ -7,132 +7,34 @@ import csv
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from report import report
 from slurm.environment import SlurmJob, SlurmLayoutError
 from sweeps.summary import COLUMNS, format_summary, write_summary
 from tests.conftest import PROJECT_ROOT, SMALL_RUN
+from tests.slurm_jobs import (
+    JOB_RUN,
+    LOOPBACK_RENDEZVOUS,
+    STEPS_PER_EPOCH,
+    job_field,
+    job_nodes,
+    job_run,
+    last_val_row,
+    node_address,
+    sbatch,
+    steps_of,
+    template_job,
+    wait_for_job,
+    wait_for_lines,
+)
 from tests.test_dashboards import assert_plots, wandb_records
-
-HARNESS = PROJECT_ROOT / "tests" / "slurm" / "cluster.sh"
-STEPS_PER_EPOCH = 6  # the small demo: 240 train images / 2 ranks / 20 per batch
-JOB_RUN = [
-    *(o for o in SMALL_RUN if not o.startswith("trainer.enable_progress_bar")),
-    "trainer.precision=32-true",
-]
-
-
-def _harness_unavailable() -> str | None:
-    if sys.platform != "linux" or os.geteuid() != 0:
-        return "the SLURM harness runs daemons as root"
-    if not (shutil.which("slurmctld") or shutil.which("apt-get")):
-        return "SLURM is not installed and there is no apt-get to install it"
-    return None
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A real slurmctld + slurmd + munge on 127.0.0.1 for this module; yields the environment jobs are submitted
-    with (the project's Python first on PATH, rendezvous on loopback)."""
-    reason = _harness_unavailable()
-    if reason:
-        pytest.skip(reason)
-    env = {**os.environ, "SLURM_CLUSTER_DIR": str(tmp_path_factory.mktemp("slurm-cluster"))}
-    up = subprocess.run(["bash", str(HARNESS), "up"], env=env, capture_output=True, text=True, timeout=600)
-    if up.returncode == 3:  # cannot install
-        pytest.skip(up.stderr.strip())
-    assert up.returncode == 0, up.stdout + up.stderr
-    yield {
-        **env,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        "PYTHON": sys.executable,
-        "MASTER_ADDR": "127.0.0.1",
-        "GLOO_SOCKET_IFNAME": "lo",
-    }
-    subprocess.run(["bash", str(HARNESS), "down"], env=env, capture_output=True, timeout=120)
-
-
-def sbatch(env: dict[str, str], log_dir: Path, *args: str) -> str:
-    """Submits from the project root as a user does; returns the job id."""
-    result = subprocess.run(
-        ["sbatch", "--parsable", f"--output={log_dir}/%x-%j.out", *args],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return result.stdout.strip().split(";")[0]
-
-
-def job_field(job_id: str, field: str) -> str:
-    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
-    return next(item.split("=", 1)[1] for item in shown.split() if item.startswith(f"{field}="))
-
-
-def wait_for_job(job_id: str, timeout: float) -> str:
-    """Waits until the job has left the queue (requeues included); returns its final state."""
-    deadline = time.monotonic() + timeout
-    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
-        if time.monotonic() > deadline:
-            subprocess.run(["scancel", job_id])
-            pytest.fail(f"job {job_id} still queued after {timeout} s")
-        time.sleep(0.5)
-    return job_field(job_id, "JobState")
-
-
-def wait_for_lines(path: Path, count: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists() or len(path.read_text().splitlines()) < count:
-        assert time.monotonic() < deadline, f"{path}: fewer than {count} lines after {timeout} s"
-        time.sleep(0.2)
-
-
-def job_run(tmp_path: Path) -> list[str]:
-    """train.py's overrides in a job: the small demo, its cache and outputs under ``tmp_path``."""
-    return [*JOB_RUN, f"paths.cache_dir={tmp_path / 'cache'}", f"paths.log_dir={tmp_path / 'outputs'}"]
-
-
-def template_job(
-    env: dict[str, str], tmp_path: Path, template: str, *overrides: str, tasks: int = 2, cores: int = 1
-) -> str:
-    """The project's sbatch template for ``tasks`` CPU processes of ``cores`` cores on the one node, training the
-    small demo."""
-    return sbatch(
-        env,
-        tmp_path,
-        "--nodes=1",
-        f"--ntasks-per-node={tasks}",
-        "--gpus-per-node=0",
-        f"--cpus-per-task={cores}",
-        "--time=15",
-        f"slurm/{template}",
-        *job_run(tmp_path),
-        *overrides,
-    )
-
-
-def last_val_row(run: Path) -> dict[str, float]:
-    """The last validation figures of a run's CSV logs (a resumed run's are in the newest version)."""
-    newest = max((run / "csv").glob("version_*"), key=lambda folder: int(folder.name.split("_")[1]))
-    with open(newest / "metrics.csv", newline="") as file:
-        rows = [row for row in csv.DictReader(file) if row.get("val/acc1")]
-    return {key: float(rows[-1][key]) for key in ("val/loss", "val/acc1", "val/acc5")}
-
-
-def steps_of(checkpoint: Path) -> tuple[int, int]:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    return state["global_step"], state["epoch"]
 
 
 @pytest.mark.slurm
@@ -157,6 +59,29 @@ def test_sbatch_template_trains_with_ddp_over_two_tasks(cluster, tmp_path: Path,
     assert json.loads((run / "metrics.json").read_text()) == pytest.approx(last_val_row(run))
 
 
+@pytest.mark.slurm
+def test_multi_node_template_trains_across_two_hosts_whose_ranks_agree(cluster, tmp_path: Path):
+    """2 nodes x 1 task: rank 0 on node1, rank 1 on node2, each node a host of its own (network and hostname);
+    the rendezvous is node1's address, and both ranks end at the same step with the same validation figures."""
+    observer = tmp_path / "ranks"
+    job = template_job(
+        cluster, tmp_path, "multi_node.sbatch", "trainer.max_epochs=2",
+        "+callbacks.rank_metrics._target_=tests.observers.RankMetrics", f"+callbacks.rank_metrics.folder={observer}",
+        nodes=2, tasks=1,
+    )  # fmt: skip
+    state = wait_for_job(job, timeout=300)
+    log = next(tmp_path.glob(f"*-{job}.out")).read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert job_nodes(job) == ["node1", "node2"]
+    assert f"2 node(s) x 1 task(s) x 1 core(s) on node[1-2], rendezvous {node_address('node1')}:" in log, log[:2000]
+    assert "rank 0 of 2 (local rank 0 of 1) on node1" in log and "rank 1 of 2 (local rank 0 of 1) on node2" in log
+    ranks = [json.loads((observer / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    assert [rank["global_step"] for rank in ranks] == [2 * STEPS_PER_EPOCH] * 2
+    figures = [{name: rank["metrics"][name] for name in ("val/acc1", "val/acc5", "val/loss")} for rank in ranks]
+    assert figures[0] == figures[1]
+
+
 def srun_takes_cpus_per_task_from_sbatch() -> bool:
     """Not in SLURM 22.05 to 23.02 (srun(1): "not automatically inherited by srun"); before and after, it does."""
     version = subprocess.run(["sbatch", "--version"], capture_output=True, text=True, check=True).stdout
@@ -173,8 +98,8 @@ def test_a_task_gets_the_cores_of_cpus_per_task_and_its_log_says_so(cluster, tmp
         pytest.skip("needs 2 cores")
     template = template_job(cluster, tmp_path, "single_node.sbatch", "trainer.max_epochs=1", tasks=1, cores=2)
     command = " ".join([sys.executable, "train.py", "trainer=slurm", *job_run(tmp_path), "trainer.max_epochs=1"])
-    plain = sbatch(cluster, tmp_path, "--job-name=plain-srun", "--ntasks=1", "--cpus-per-task=2", "--time=15",
-                   f"--wrap=srun {command}")  # fmt: skip
+    plain = sbatch({**cluster, **LOOPBACK_RENDEZVOUS}, tmp_path, "--job-name=plain-srun", "--ntasks=1",
+                   "--cpus-per-task=2", "--time=15", f"--wrap=srun {command}")  # fmt: skip
     logs = {}
     for job in (template, plain):
         state = wait_for_job(job, timeout=300)
@@ -306,7 +231,7 @@ def run_sweep(
 @pytest.mark.slurm
 def test_submitit_sweep_on_slurm_runs_two_jobs_and_requeues_one(cluster, tmp_path: Path):
     """A 2-job array through hydra/launcher=slurm; job 0, signalled in mid-epoch, requeues and resumes like an
-    sbatch job (the preset's --signal=USR1 reaches callbacks.preemption, not submitit's handler)."""
+    sbatch job (the preset's --signal=USR1 reaches callbacks.mid_epoch_checkpoint, not submitit's handler)."""
 
     def signal_job_0(sweep: Path) -> None:
         wait_for_lines(sweep / "0" / "steps" / "rank0.log", 2, timeout=300)
@@ -316,7 +241,8 @@ def test_submitit_sweep_on_slurm_runs_two_jobs_and_requeues_one(cluster, tmp_pat
 
     launcher = ["hydra/launcher=slurm", "trainer=slurm", "hydra.launcher.timeout_min=15"]
     resources = ["hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1"]
-    sweep, rows = run_sweep(tmp_path, cluster, *launcher, *resources, while_running=signal_job_0)
+    env = {**cluster, **LOOPBACK_RENDEZVOUS}
+    sweep, rows = run_sweep(tmp_path, env, *launcher, *resources, while_running=signal_job_0)
     assert rows == [["0", "done", "1"], ["1", "done", "0"]]
     for job in ("0", "1"):  # one job array, one array task per job
         assert json.loads((sweep / job / "job.json").read_text())["slurm_job_id"].endswith(f"_{job}")
