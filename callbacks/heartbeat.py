@@ -9,6 +9,7 @@ background thread turns them into the file (``HeartbeatWriter``), so a step cost
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -20,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
+
+log = logging.getLogger(__name__)
 
 STARTUP = "start-up"  # from setup until the first training step ends: indexing, compilation, the first step
 DATA = "waiting for data"  # from a step's end to the next one's start: the loader, and the callbacks between steps
@@ -106,7 +109,7 @@ class HeartbeatWriter(threading.Thread):
         self.path = self.folder / f"rank{trainer.global_rank}.json"
         self.identity = {"rank": trainer.global_rank, "host": socket.gethostname(), "pid": os.getpid()}
         self.loop_thread = threading.get_ident()  # the training loop's, which builds this writer
-        self._wake, self._stopping = threading.Event(), False
+        self._wake, self._stopping, self._failed = threading.Event(), False, False
 
     def beat_now(self) -> None:
         self._wake.set()
@@ -118,10 +121,14 @@ class HeartbeatWriter(threading.Thread):
         self.join(timeout=2 * self.interval_s)
 
     def run(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             stopping = self._stopping  # read before the write: a stop during it gets one more, with the last phase
-            self.write()
+            try:
+                self.write()
+            except OSError as error:  # a full or vanished disk: the other ranks will see this one as silent
+                if not self._failed:
+                    log.warning("Could not write the heartbeat %s (tried again every beat): %s", self.path, error)
+                self._failed = True
             if stopping:
                 return
             self._wake.wait(self.interval_s)
@@ -139,6 +146,7 @@ class HeartbeatWriter(threading.Thread):
             "in_distributed": in_distributed,
             "time": time.time(),
         }
+        self.folder.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps(record))
         os.replace(temporary, self.path)

@@ -58,7 +58,8 @@ class HangWatchdog(pl.Callback):
       or epoch (Lightning has no hook after a save: the wait for the first batch after a save is left to the
       collective timeout);
     - training: the clock restarts at every step's start and end, so a step, or a wait for data and the callbacks
-      between steps, longer than the limit fires it.
+      between steps, longer than the limit fires it;
+    - the end: disarmed from ``on_train_end``.
 
     ``collective_timeout`` is the process group's (``trainer.strategy.timeout``): it must be longer than the limit,
     or a hung collective ends the run with an exception that says nothing of where the ranks are. None: none is
@@ -113,6 +114,9 @@ class HangWatchdog(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self._enter(CHECKPOINT)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._enter(FINISHED)  # what follows (the loggers' last writes, the teardown) is not a training step
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stop()
