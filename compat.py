@@ -26,6 +26,7 @@ __all__ = [
     "hpc_checkpoint_path",
     "refresh_rich_bar_metrics",
     "rich_bar_render_lock",
+    "skip_per_step_sigterm_broadcast",
     "job_error",
     "launches_its_ranks_by_rerunning_the_script",
     "trained_batches_in_epoch",
@@ -41,6 +42,13 @@ def trained_batches_in_epoch(trainer: pl.Trainer) -> int:
 def hpc_checkpoint_path(folder: str | os.PathLike) -> str:
     """The next ``hpc_ckpt_N.ckpt`` in ``folder``: the file Lightning resumes a SLURM job from without a flag."""
     return _CheckpointConnector.hpc_save_path(str(folder))
+
+
+def skip_per_step_sigterm_broadcast(trainer: pl.Trainer) -> None:
+    """Lightning 2.6 broadcasts a SIGTERM flag from rank 0 before every DDP training step, on the root device, and
+    reads it back (``.item()``): a device synchronisation and a collective per step. Where the project owns SIGTERM
+    (callbacks/mid_epoch_checkpoint.py replaces Lightning's handler, so the flag is never set) it is skipped."""
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
 
 
 def launches_its_ranks_by_rerunning_the_script(trainer: pl.Trainer) -> bool:

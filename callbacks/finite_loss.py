@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from callbacks.cpu_group import cpu_group
+from callbacks.heartbeat import collective
 from runs.restart_marker import restart_would_not_help
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ def require_finite(trainer: pl.Trainer, pl_module: pl.LightningModule, loss: tor
     finite = finite.to("cpu", torch.int32).reshape(1)
     group = cpu_group()
     if group is not None:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)
+        with collective("finite-loss check"):
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)
     if finite.item():
         return
     if loss is None:

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from callbacks.cpu_group import cpu_group
 from callbacks.finite_loss import require_finite
-from compat import hpc_checkpoint_path
+from callbacks.heartbeat import collective
+from compat import hpc_checkpoint_path, skip_per_step_sigterm_broadcast
 from loggers import wandb_logger
 from runs.checkpoints import CHECKPOINTS, TIMED_NAME, prune
 from runs.restart_marker import restart_would_not_help
@@ -66,6 +67,7 @@ class MidEpochCheckpoint(pl.Callback):
         # handler, which broadcasts from inside the handler): one owner of both signals.
         for signum in (self.requeue_signal, signal.SIGTERM):
             self._previous_handlers[signum] = signal.signal(signum, self._record)
+        skip_per_step_sigterm_broadcast(trainer)  # its flag is never set now: a sync per step for nothing
         self._group = cpu_group() if trainer.world_size > 1 else None
         self._batches = 0
         self._restart_clock()
@@ -149,7 +151,8 @@ class MidEpochCheckpoint(pl.Callback):
         if self._group is None:
             return request
         request = torch.tensor([request])
-        dist.all_reduce(request, op=dist.ReduceOp.MAX, group=self._group)
+        with collective("checkpoint agreement"):
+            dist.all_reduce(request, op=dist.ReduceOp.MAX, group=self._group)
         return int(request)
 
     def _restore_handlers(self) -> None:

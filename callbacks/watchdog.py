@@ -31,11 +31,11 @@ from callbacks.heartbeat import (
     read_heartbeats,
 )
 from data.spec import ConfigError
+from runs.restart_marker import PROGRESS_FILE_ENV, training_began
 
 log = logging.getLogger(__name__)
 
 HANG_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): the run hung; a requeued job may well get past it
-PROGRESS_FILE_VARIABLE = "IMAGENET_PIPELINE_PROGRESS_FILE"  # touched by rank 0 when its first training step ends
 HEARTBEAT_S = 5.0  # the heartbeat's and the watchdog's period (a quarter of the limit where that is shorter)
 SILENT_AFTER_BEATS = 3  # a heartbeat older than this many periods: the rank is stopped, dead or frozen
 READ_HEARTBEATS_S = 10.0  # how long the report waits for the heartbeat folder (a stuck network file system)
@@ -143,12 +143,11 @@ class HangWatchdog(pl.Callback):
     def _first_step_ended(self, trainer: pl.Trainer) -> None:
         self._trained = True
         self._beat_now()
-        progress_file = os.environ.get(PROGRESS_FILE_VARIABLE)
-        if progress_file and trainer.is_global_zero:
+        if trainer.is_global_zero:
             try:
-                Path(progress_file).touch()
+                training_began()  # a crash from now on is worth a restart (slurm/requeue_on_crash.sh)
             except OSError as error:
-                log.warning("Could not touch %s=%s: %s", PROGRESS_FILE_VARIABLE, progress_file, error)
+                log.warning("Could not touch %s: %s", PROGRESS_FILE_ENV, error)
 
     def _watch(self, trainer: pl.Trainer) -> None:
         while not self._stopped.wait(self.period_s):

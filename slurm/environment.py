@@ -26,8 +26,8 @@ class SlurmJob(SLURMEnvironment):
     """Lightning's SLURM environment (ranks, addresses and ports from srun's variables) with two changes.
 
     Its checks say which sbatch option to change and also catch a job started without srun (which would otherwise
-    wait forever at "Initializing distributed"); and it does not requeue itself: ``callbacks.mid_epoch_checkpoint`` owns the
-    requeue signal, so that the checkpoint is saved at the same step on every rank.
+    wait forever at "Initializing distributed"); and it does not requeue itself: ``callbacks.mid_epoch_checkpoint``
+    owns the requeue signal, so that the checkpoint is saved at the same step on every rank.
     """
 
     def __init__(self) -> None:

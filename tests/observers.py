@@ -233,3 +233,26 @@ class CrashAtStep(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
             raise RuntimeError(f"planted crash at step {self.step}")
+
+
+class BroadcastCounter(pl.Callback):
+    """Counts the calls to ``torch.distributed.broadcast`` while training (Lightning 2.6 makes one per DDP step,
+    with a device synchronisation) and writes them to ``rank<R>-broadcasts.json`` at the end."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.calls, self._broadcast = Path(folder), 0, None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._broadcast = torch.distributed.broadcast
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self._broadcast(*args, **kwargs)
+
+        torch.distributed.broadcast = counted
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.distributed.broadcast = self._broadcast
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"rank{trainer.global_rank}-broadcasts.json"
+        path.write_text(json.dumps({"calls": self.calls, "steps": trainer.global_step}))

@@ -88,11 +88,15 @@ def test_ddp_two_cpu_processes_agree(tmp_path: Path):
         "data.root.val_per_class=13",  # 52 val images: 26 per rank, 2 batches of 20 and 6
         "+callbacks.rank_metrics._target_=tests.observers.RankMetrics",
         f"+callbacks.rank_metrics.folder={observer}",
+        "+callbacks.broadcasts._target_=tests.observers.BroadcastCounter",
+        f"+callbacks.broadcasts.folder={observer}",
         cache_dir=tmp_path / "cache",
         run_dir=run_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((observer / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in (0, 1):  # Lightning's SIGTERM flag, broadcast and read back before every step, is skipped
+        assert json.loads((observer / f"rank{rank}-broadcasts.json").read_text()) == {"calls": 0, "steps": 12}
     assert [r["world_size"] for r in ranks] == [2, 2]
     # 240 train images / 2 ranks / batch 20 = 6 steps per epoch on each rank
     assert [r["global_step"] for r in ranks] == [12, 12]

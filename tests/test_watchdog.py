@@ -23,8 +23,9 @@ from pytorch_lightning.strategies.launchers.subprocess_script import _Subprocess
 
 from assemble import instantiate_all
 from callbacks.heartbeat import DATA, STEP
-from callbacks.watchdog import HANG_EXIT_CODE, PROGRESS_FILE_VARIABLE, HangWatchdog, heartbeat_report
+from callbacks.watchdog import HANG_EXIT_CODE, HangWatchdog, heartbeat_report
 from data.spec import ConfigError
+from runs.restart_marker import PROGRESS_FILE_ENV
 from slurm.environment import SlurmJob
 
 from .conftest import PROJECT_ROOT, SMALL_RUN
@@ -138,7 +139,7 @@ def test_slow_start_up_and_validation_are_not_hangs_and_heartbeats_remain(tmp_pa
         "+trainer.val_check_interval=3",  # validation at step 3 and at the end, with training between
         "+trainer.num_sanity_val_steps=0",
         *slow,
-        env={PROGRESS_FILE_VARIABLE: str(progress)},
+        env={PROGRESS_FILE_ENV: str(progress)},
     )
     assert code == 0, log[-3000:]
     assert left == []
@@ -151,7 +152,7 @@ def test_slow_start_up_and_validation_are_not_hangs_and_heartbeats_remain(tmp_pa
 
 def test_the_progress_file_is_touched_once_by_rank_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     progress = tmp_path / "progress"
-    monkeypatch.setenv(PROGRESS_FILE_VARIABLE, str(progress))
+    monkeypatch.setenv(PROGRESS_FILE_ENV, str(progress))
     for rank in (1, 0):
         watchdog = HangWatchdog(minutes=1)
         trainer = SimpleNamespace(is_global_zero=rank == 0)
