@@ -5,32 +5,39 @@
 # this machine's CPUs and memory. The namespaces share the host's mount and PID namespaces: same files, same munge
 # socket, same /tmp, and their processes are visible (and signalled) from the host.
 #
-#   bash tests/slurm/cluster.sh up                   # installs Debian's slurm and munge if missing, starts, waits for 'idle'
-#   bash tests/slurm/cluster.sh down                 # stops everything and removes the namespaces and links it made
-#   bash tests/slurm/cluster.sh kill-node NODE       # the node loses power: its link goes down, its slurmd and job
-#                                                    # tasks get SIGKILL (nothing reaches the other node)
-#   bash tests/slurm/cluster.sh start-node NODE      # the node comes back: link up, slurmd started, waits until it serves
-#   bash tests/slurm/cluster.sh exec-node NODE CMD.. # runs CMD on the node (in its namespaces)
+#   bash tests/slurm/cluster.sh up                # installs Debian's slurm and munge if missing, starts, waits
+#                                                 # until both nodes are idle
+#   bash tests/slurm/cluster.sh down              # stops everything, removes the namespaces and links it made
+#   bash tests/slurm/cluster.sh kill-node NODE    # the node loses power: its link goes down, its slurmd and job
+#                                                 # tasks get SIGKILL (nothing reaches the other node)
+#   bash tests/slurm/cluster.sh start-node NODE   # the node comes back: link up, slurmd started, waits until it serves
+#   bash tests/slurm/cluster.sh exec-node NODE CMD...  # runs CMD on the node (in its namespaces)
 #
-# Needs root, iproute2 and apt (Debian 12). No systemd: the daemons run in the foreground (-D) as background jobs,
-# their PIDs in $SLURM_CLUSTER_DIR/*.pid. Recipe: ../shared/notes/slurm-on-loopback.md. State and logs:
-# $SLURM_CLUSTER_DIR. One such cluster per machine (the namespaces, links, ports and /etc/slurm are the machine's).
+# Needs root, iproute2 and apt (Debian 12). No systemd: the daemons run in the foreground (-D) as background jobs.
+# Recipe: ../shared/notes/slurm-on-loopback.md. State and logs: $SLURM_CLUSTER_DIR. One such cluster per machine
+# (namespaces, links, ports and /etc/slurm are the machine's), so its PIDs and the nodes' UTS namespaces are kept in
+# /run/slurmtest: 'down' stops a cluster whichever $SLURM_CLUSTER_DIR it was started with.
 set -euo pipefail
 BASE=${SLURM_CLUSTER_DIR:-/tmp/imagenet-pipeline-slurm}
 NODES=(node1 node2)
 NET=192.168.77        # a private /24 on the bridge only: node N is .N, the host side (slurmctld) .254
 HOST_ADDR=$NET.254
 BRIDGE=slurmtest-br
-UTS_DIR=/run/slurmtest-uts  # the nodes' UTS namespaces, kept by bind mounts as `ip netns` keeps network ones
+RUN_DIR=/run/slurmtest
+UTS_DIR=$RUN_DIR/uts  # the nodes' UTS namespaces, kept by bind mounts as `ip netns` keeps network ones
 NODE_IF=eth0          # the same name on every node, so that one GLOO_SOCKET_IFNAME fits all
 
 netns() { echo "slurmtest-$1"; }
 node_addr() { echo "$NET.${1#node}"; }
 is_node() { [[ " ${NODES[*]} " == *" $1 "* ]] || { echo "no node '$1' (nodes: ${NODES[*]})" >&2; exit 2; }; }
-exec_in_node() { local node=$1; shift; exec nsenter --net="/run/netns/$(netns "$node")" --uts="$UTS_DIR/$node" -- "$@"; }
+exec_in_node() {  # NODE CMD...: becomes CMD, in the node's namespaces
+  local node=$1
+  shift
+  exec nsenter --net="/run/netns/$(netns "$node")" --uts="$UTS_DIR/$node" -- "$@"
+}
 
 stop_pid() {  # SIGTERM, then SIGKILL after 10 s
-  local name=$1 pidfile="$BASE/$1.pid" pid
+  local name=$1 pidfile="$RUN_DIR/$1.pid" pid
   [ -f "$pidfile" ] || return 0
   pid=$(cat "$pidfile")
   if kill "$pid" 2>/dev/null; then
@@ -54,26 +61,32 @@ kill_namespace() {  # SIGKILL every process in the node's network namespace, unt
   return 1
 }
 
-down() {
-  local jobs node
+cancel_jobs() {
+  local jobs
   jobs=$(timeout 10 squeue -h -o %i 2>/dev/null || true)
-  if [ -n "$jobs" ]; then
-    timeout 10 scancel $jobs || true
-    for _ in $(seq 100); do [ -z "$(timeout 10 squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2; done
-  fi
+  [ -n "$jobs" ] || return 0
+  timeout 10 scancel $jobs || true
+  for _ in $(seq 100); do [ -z "$(timeout 10 squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2; done
+}
+
+down() {
+  local node
+  # only our own slurmctld: without the bridge, its address would be sought beyond this machine
+  if [ -f "$RUN_DIR/slurmctld.pid" ] && kill -0 "$(cat "$RUN_DIR/slurmctld.pid")" 2>/dev/null; then cancel_jobs; fi
   for node in "${NODES[@]}"; do
     stop_pid "slurmd-$node"
     kill_namespace "$node"
-    ip netns del "$(netns "$node")" 2>/dev/null || true  # takes its end of the veth pair, and so the pair, with it
+    ip link del "veth-$node" 2>/dev/null || true  # the pair, at once (with the namespace it would go later)
+    ip netns del "$(netns "$node")" 2>/dev/null || true
     if [ -e "$UTS_DIR/$node" ]; then
       umount "$UTS_DIR/$node" 2>/dev/null || true
       rm -f "$UTS_DIR/$node"
     fi
   done
   ip link del "$BRIDGE" 2>/dev/null || true
-  rmdir "$UTS_DIR" 2>/dev/null || true
   stop_pid slurmctld
   stop_pid munged
+  rmdir "$UTS_DIR" "$RUN_DIR" 2>/dev/null || true
 }
 
 install_packages() {
@@ -97,18 +110,17 @@ start_munge() {
   # setpriv execs munged, so $! is munged itself
   setpriv --reuid=munge --regid=munge --init-groups /usr/sbin/munged --foreground \
     </dev/null >"$BASE/log/munged.out" 2>&1 &
-  echo $! >"$BASE/munged.pid"
+  echo $! >"$RUN_DIR/munged.pid"
   for _ in $(seq 100); do munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && return; sleep 0.1; done
   echo "munged did not come up: $(cat "$BASE/log/munged.out")" >&2; exit 1
 }
 
-make_network() {  # a bridge on the host side; per node a network namespace, a veth pair into the bridge, a UTS namespace
+make_network() {  # a bridge on the host side; per node a network namespace, a veth pair into the bridge, a UTS one
   local node ns
   ip link add "$BRIDGE" type bridge
   ip link set "$BRIDGE" addrgenmode none  # no IPv6 link-local address: the /24 is the only one
   ip addr add "$HOST_ADDR/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
-  mkdir -p "$UTS_DIR"
   for node in "${NODES[@]}"; do
     ns=$(netns "$node")
     ip netns add "$ns"
@@ -178,8 +190,8 @@ Waittime=0
 EOF
     for node in "${NODES[@]}"; do
       echo "NodeName=$node NodeAddr=$(node_addr "$node") CPUs=$(get CPUs) Boards=1" \
-        "SocketsPerBoard=$(get SocketsPerBoard) CoresPerSocket=$(get CoresPerSocket) ThreadsPerCore=$(get ThreadsPerCore)" \
-        "RealMemory=$(( $(get RealMemory) * 9 / 10 )) State=UNKNOWN"
+        "SocketsPerBoard=$(get SocketsPerBoard) CoresPerSocket=$(get CoresPerSocket)" \
+        "ThreadsPerCore=$(get ThreadsPerCore) RealMemory=$(( $(get RealMemory) * 9 / 10 )) State=UNKNOWN"
     done
     echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP"
   } >/etc/slurm/slurm.conf
@@ -189,7 +201,7 @@ start_slurmd() {
   local node=$1
   mkdir -p "$BASE/state/$node"
   exec_in_node "$node" /usr/sbin/slurmd -D -N "$node" </dev/null >"$BASE/log/slurmd-$node.out" 2>&1 &
-  echo $! >"$BASE/slurmd-$node.pid"
+  echo $! >"$RUN_DIR/slurmd-$node.pid"
 }
 
 serving() {  # SINCE NODE...: each idle or running jobs, with a slurmd that registered at SINCE or later
@@ -216,14 +228,14 @@ wait_until_serving() {  # SINCE NODE...; on a timeout, fails with the daemons' l
 up() {
   down >/dev/null 2>&1 || true
   rm -rf "$BASE/state" "$BASE/log"
-  mkdir -p "$BASE/state/ctld" "$BASE/log"
+  mkdir -p "$BASE/state/ctld" "$BASE/log" "$UTS_DIR"
   install_packages
   start_munge
   make_network
   write_config
   # -c: no job state from an earlier cluster
   /usr/sbin/slurmctld -D -c </dev/null >"$BASE/log/slurmctld.out" 2>&1 &
-  echo $! >"$BASE/slurmctld.pid"
+  echo $! >"$RUN_DIR/slurmctld.pid"
   for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
   local node since
   since=$(date +%FT%T)
@@ -237,7 +249,7 @@ kill_node() {
   # first the link, as when a node loses power: nothing in flight, no reset of a connection, reaches its peers
   ip -n "$(netns "$node")" link set "$NODE_IF" down
   kill_namespace "$node"
-  rm -f "$BASE/slurmd-$node.pid"
+  rm -f "$RUN_DIR/slurmd-$node.pid"
   echo "killed $node"
 }
 
