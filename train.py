@@ -25,7 +25,6 @@ from assemble import instantiate_all, training_module
 from loggers import wandb_logger
 from loggers.quiet import quiet_libraries
 from loggers.run_metadata import run_config
-from runs.lock import RunFolderLock
 from runs.resume import resume_from
 from sweeps.summary import METRICS, refuse_subprocess_ddp_in_multirun
 
@@ -42,7 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     refuse_subprocess_ddp_in_multirun(trainer)
     # one job per run folder, since runs resume from it: global rank 0 holds it until the run has ended
-    with RunFolderLock(trainer.default_root_dir) if trainer.is_global_zero else nullcontext():
+    with instantiate(cfg.run_lock)(trainer.default_root_dir) if trainer.is_global_zero else nullcontext():
         datamodule.share_index_with(trainer)  # before the layout is read: one rank indexes, the others read its result
         module = training_module(cfg, datamodule, trainer)
         for logger in trainer.loggers:
