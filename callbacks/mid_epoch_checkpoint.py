@@ -38,9 +38,10 @@ class MidEpochCheckpoint(pl.Callback):
     Written by hand because Lightning's own handler saves inside the signal handler, where each DDP rank is at a
     different point of its step: the checkpoint's collectives (barrier, the DALI readers' state) then pair with the
     wrong peers. Here a signal or a rank's clock only records a request; the ranks agree on it every
-    ``check_every_n_steps`` training batches with a CPU all-reduce (no GPU synchronisation) and save at that step
-    boundary together. Retention (runs/checkpoints.py): the newest ``keep_time_based`` time-based checkpoints and
-    the newest preemption one, beside ModelCheckpoint's top-k and last; the disk this takes is logged at start.
+    ``check_every_n_steps`` training batches, and at the end of each epoch (after its validation), with a CPU
+    all-reduce (no GPU synchronisation) and save at that step boundary together. Retention (runs/checkpoints.py):
+    the newest ``keep_time_based`` time-based checkpoints and the newest preemption one, beside ModelCheckpoint's
+    top-k and last; the disk this takes is logged after the first step.
     """
 
     def __init__(
@@ -82,12 +83,21 @@ class MidEpochCheckpoint(pl.Callback):
         self._batches += 1
         if self._batches == 1 and trainer.is_global_zero:
             self._log_disk_budget(trainer, pl_module)
-        if self._batches % self.check_every_n_steps:
+        # Lightning 2.6.6 resumes a checkpoint saved after an epoch's last batch, or at its validation's end, as if
+        # one more epoch had ended: a request there waits for the epoch's end, where ModelCheckpoint saves too
+        if self._batches % self.check_every_n_steps or batch_idx + 1 >= trainer.num_training_batches:
             return
+        self._act_on_requests(trainer, pl_module, outputs["loss"])
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._act_on_requests(trainer, pl_module, None)
+
+    def _act_on_requests(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor | None) -> None:
         request = self._agreed(max(self._signalled, SAVE if time.monotonic() >= self._due else 0))
         if not request:
             return
-        require_finite(trainer, pl_module, outputs["loss"], "a mid-epoch checkpoint")
+        if loss is not None:
+            require_finite(trainer, pl_module, loss, "a mid-epoch checkpoint")
         require_finite(trainer, pl_module, None, "a mid-epoch checkpoint")
         if request == SAVE:
             timed = TIMED_NAME.format(step=trainer.global_step)

@@ -198,3 +198,18 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_before_it_is_saved(tmp_
     assert "NonFiniteLoss: the training loss is nan on rank 0 at global step 5 (epoch 0" in result.stderr
     steps = [int(torch.load(c.path, weights_only=True)["global_step"]) for c in checkpoint_files(run)]
     assert steps and max(steps) == 4  # saved up to the last finite step, never after
+
+
+def test_a_request_due_at_an_epochs_last_batch_is_saved_at_the_epochs_end(tmp_path: Path, cache_dir: Path):
+    """Lightning 2.6.6 resumes a checkpoint taken after an epoch's last batch as if one more epoch had ended; the
+    time-based one due there is taken at the epoch's end instead (where ModelCheckpoint saves last.ckpt next), and a
+    run resumed from it (as after a crash between the two saves) trains every remaining epoch."""
+    run = tmp_path / "run"
+    due_every_6 = [f"{MID_EPOCH}.every_minutes=0.0001", f"{MID_EPOCH}.check_every_n_steps=6"]  # 12 steps per epoch
+    _run(_train_command(run, cache_dir, "trainer.max_epochs=1", *due_every_6), os.environ.copy())
+    for checkpoint in checkpoint_files(run):
+        if checkpoint.kind != TIMED:
+            checkpoint.path.unlink()
+    output = _run(_train_command(run, cache_dir, "trainer.max_epochs=2"), os.environ.copy())
+    assert "(time-based, global step 12, epoch 0)" in output
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2 * STEPS_PER_EPOCH
