@@ -42,7 +42,8 @@ READ_HEARTBEATS_S = 10.0  # how long the report waits for the heartbeat folder (
 
 
 class HangWatchdog(pl.Callback):
-    """When no training step begins or ends for ``minutes``, the watchdog thread of the rank logs every thread's
+    """When no training step (or, in validation, no validation batch) begins or ends for ``minutes``, the watchdog
+    thread of the rank logs every thread's
     stack of its process and every rank's heartbeat (``callbacks/heartbeat.py``: a stopped rank cannot report itself,
     the others name it, its host and how old its heartbeat is), flushes the log and exits with ``HANG_EXIT_CODE``.
     The launching process (Lightning's launcher) first gives the ranks it started a moment to report themselves,
@@ -53,7 +54,9 @@ class HangWatchdog(pl.Callback):
     - start-up: disarmed from setup until this process's first training step ends (indexing, the sanity validation,
       the loader's first batches, torch.compile's compilation and the first step; their limits are
       ``data.index_wait_s`` and the collective timeout);
-    - validation: disarmed while it runs, re-armed with a fresh clock when it ends;
+    - validation: its clock restarts at every validation batch's end, so a validation that waits longer than the
+      limit for one batch (a rank stopped there, a collective of the metrics' sync) fires it, and a long one does
+      not; the sanity check before the first step belongs to the start-up;
     - checkpoint saving: disarmed from ``on_save_checkpoint``, re-armed with a fresh clock at the next training step
       or epoch (Lightning has no hook after a save: the wait for the first batch after a save is left to the
       collective timeout);
@@ -107,7 +110,11 @@ class HangWatchdog(pl.Callback):
             self._first_step_ended(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._enter(VALIDATION)
+        self._enter(VALIDATION if self._trained else STARTUP)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._trained:
+            PULSE.state = (VALIDATION, time.monotonic())
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._enter(DATA if self._trained else STARTUP)
@@ -158,7 +165,8 @@ class HangWatchdog(pl.Callback):
 
     def _report_and_exit(self, trainer: pl.Trainer, idle_s: float) -> None:
         log.critical(
-            "Hang watchdog: rank %d on %s (pid %d) has had no training step begin or end for %.0f s "
+            "Hang watchdog: rank %d on %s (pid %d) has had no training step (or validation batch) begin or end for "
+            "%.0f s "
             "(callbacks.watchdog.minutes=%g), in phase '%s' after step %d; every thread's stack and every rank's "
             "heartbeat follow, then the process exits with code %d (HANG_EXIT_CODE)\n%s",
             trainer.global_rank,

@@ -208,7 +208,8 @@ class SlowRank(pl.Callback):
 
 
 class SlowStartAndValidation(pl.Callback):
-    """Sleeps ``seconds`` as training starts and as each validation starts: a slow start-up and a slow validation."""
+    """Sleeps ``seconds`` as training starts, and half of it after each validation batch: a slow start-up, and a
+    slow validation that still makes progress."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -218,10 +219,25 @@ class SlowStartAndValidation(pl.Callback):
 
         time.sleep(self.seconds)
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         import time
 
-        time.sleep(self.seconds)
+        time.sleep(self.seconds / 2)
+
+
+class HangInValidation(pl.Callback):
+    """Global rank ``rank`` sleeps forever after its first validation batch during training (not the sanity check),
+    writing the time to ``marker`` first."""
+
+    def __init__(self, rank: int, marker: str) -> None:
+        self.rank, self.marker = rank, Path(marker)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        import time
+
+        if trainer.global_rank == self.rank and not trainer.sanity_checking:
+            self.marker.write_text(str(time.time()))
+            HangRank.sleep_forever()
 
 
 class CrashAtStep(pl.Callback):

@@ -155,23 +155,26 @@ def test_a_crash_that_repeats_is_requeued_up_to_the_cap(cluster, tmp_path: Path)
 def test_one_run_folder_one_job_and_a_new_job_continues_an_old_run(cluster, tmp_path: Path):
     """A second job into a running job's folder (run_id=) stops at once naming the holder, and is not requeued; once
     the first has ended, a new job with its run_id continues from its newest checkpoint."""
-    steps = tmp_path / "steps"
+    steps, epochs = tmp_path / "steps", 15  # long enough (about 30 s) for the second job to meet it
     first = template_job(
-        cluster, tmp_path, "single_node.sbatch", "trainer.max_epochs=2", *observe_steps(steps), tasks=1
+        cluster, tmp_path, "single_node.sbatch", f"trainer.max_epochs={epochs}", *observe_steps(steps), tasks=1
     )
     wait_until(lambda: (steps / "rank0.log").exists(), 300, "the first job trains")
     second = template_job(cluster, tmp_path, "single_node.sbatch", f"run_id={first}", tasks=1)
     assert wait_for_job(second, timeout=300) == "FAILED"
     second_log = next(tmp_path.glob(f"*-{second}.out")).read_text()
-    assert "RunFolderLocked" in second_log and f"job {first}" in second_log, second_log[-3000:]
+    assert "RunFolderLocked" in second_log and f"SLURM job {first}" in second_log, second_log[-3000:]
     assert "before training began" in second_log and job_field(second, "Restarts") == "0"
+    assert job_field(first, "JobState") == "RUNNING"  # untouched by the second
     assert wait_for_job(first, timeout=300) == "COMPLETED"
 
-    third = template_job(cluster, tmp_path, "single_node.sbatch", f"run_id={first}", "trainer.max_epochs=3", tasks=1)
+    steps_per_epoch = 2 * STEPS_PER_EPOCH  # one task
+    third = template_job(
+        cluster, tmp_path, "single_node.sbatch", f"run_id={first}", f"trainer.max_epochs={epochs + 1}", tasks=1
+    )
     assert wait_for_job(third, timeout=300) == "COMPLETED"
     third_log = next(tmp_path.glob(f"*-{third}.out")).read_text()
-    run = tmp_path / "outputs" / "train" / first
-    last = run / "checkpoints" / "last.ckpt"
-    assert f"Resuming from {last} (last, global step {2 * 2 * STEPS_PER_EPOCH}" in third_log
-    assert steps_of(run / "checkpoints" / "last.ckpt") == (3 * 2 * STEPS_PER_EPOCH, 2)
+    last = tmp_path / "outputs" / "train" / first / "checkpoints" / "last.ckpt"
+    assert f"Resuming from {last} (last, global step {epochs * steps_per_epoch}" in third_log
+    assert steps_of(last) == ((epochs + 1) * steps_per_epoch, epochs)
     assert not (tmp_path / "outputs" / "train" / third).exists()

@@ -119,16 +119,16 @@ def test_a_stopped_rank_is_named_by_the_others_with_its_host_and_heartbeat_age(t
     assert "Hang watchdog: rank 0 on" in log and "Hang watchdog: rank 1 on" not in log
     stale = re.search(rf"rank 1 on {socket.gethostname()} \(pid \d+\) is silent: its heartbeat is (\d+) s old", log)
     assert stale and int(stale[1]) > LIMIT_S / 2, log[-3000:]
-    assert "_broadcast_sigterm_tensor" in log  # rank 0's stack: Lightning's per-step broadcast waits for rank 1
+    assert "in optimizer_step" in log  # rank 0's stack: its step waits in DDP's gradient all-reduce for rank 1
     assert re.search(r"killing pid \d+, a rank this process started", log)
     assert f"Hang watchdog: rank 0 exits with code {HANG_EXIT_CODE}" in log
 
 
 @pytest.mark.slow
 def test_slow_start_up_and_validation_are_not_hangs_and_heartbeats_remain(tmp_path: Path):
-    """Training start and each validation (one in mid-epoch) take longer than the limit plus its period on both
-    ranks: the run completes without a report; a heartbeat file per rank holds the last step and the end; the
-    progress file was touched."""
+    """Training start and each validation (one in mid-epoch, batch by batch) take longer than the limit plus its
+    period on both ranks: the run completes without a report; a heartbeat file per rank holds the last step and the
+    end; the progress file was touched."""
     progress = tmp_path / "progress"
     slow = ["+callbacks.slow._target_=tests.observers.SlowStartAndValidation", "+callbacks.slow.seconds=9"]
     code, log, _, left = _run_ddp(
@@ -137,6 +137,7 @@ def test_slow_start_up_and_validation_are_not_hangs_and_heartbeats_remain(tmp_pa
         "callbacks.watchdog.minutes=0.1",  # 6 s, checked every 1.5 s
         "trainer.max_epochs=1",
         "+trainer.val_check_interval=3",  # validation at step 3 and at the end, with training between
+        "data.root.val_per_class=20",  # 40 val images per rank: 2 batches of 20, 9 s in all
         "+trainer.num_sanity_val_steps=0",
         *slow,
         env={PROGRESS_FILE_ENV: str(progress)},
@@ -227,3 +228,18 @@ def test_the_slurm_trainer_keeps_its_cluster_environment(make_cfg, monkeypatch: 
     assert (trainer.global_rank, trainer.world_size) == (1, 2)
     assert trainer.strategy.cluster_environment.creates_processes_externally
     assert trainer.strategy._timeout == timedelta(minutes=30)
+
+
+@pytest.mark.slow
+def test_a_rank_that_hangs_in_validation_is_reported(tmp_path: Path):
+    """Validation has the limit of its own progress: rank 1 asleep after its first validation batch is reported
+    within the limit and a margin, and the run exits."""
+    hang = ["+callbacks.hang._target_=tests.observers.HangInValidation", "+callbacks.hang.rank=1",
+            f"+callbacks.hang.marker={tmp_path / 'hung_at'}"]  # fmt: skip
+    code, log, exited, left = _run_ddp(tmp_path, *DDP, "callbacks.watchdog.minutes=0.2", *hang)
+    hung_at = float((tmp_path / "hung_at").read_text())
+    assert code != 0, log[-3000:]
+    assert exited - hung_at < LIMIT_S + MARGIN_S, log[-3000:]
+    assert left == []
+    assert "in phase 'validation'" in log and "in sleep_forever" in log, log[-3000:]
+
