@@ -30,7 +30,8 @@ class WandbCheckpoints(pl.Callback):
         import wandb
 
         final = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
-        for alias, path in (("best", checkpoints.best_model_path), ("last", checkpoints.last_model_path)):
+        last = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor is None), "")
+        for alias, path in (("best", checkpoints.best_model_path), ("last", last or checkpoints.last_model_path)):
             if not path:
                 continue
             metadata = {"file": Path(path).name, "epoch": trainer.current_epoch, "final_val": final}

@@ -213,3 +213,14 @@ def test_a_request_due_at_an_epochs_last_batch_is_saved_at_the_epochs_end(tmp_pa
     output = _run(_train_command(run, cache_dir, "trainer.max_epochs=2"), os.environ.copy())
     assert "(time-based, global step 12, epoch 0)" in output
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2 * STEPS_PER_EPOCH
+
+
+def test_last_ckpt_is_the_end_of_every_epoch_whatever_the_top_k_saves(tmp_path: Path, cache_dir: Path):
+    """Lightning 2.6's save_last writes last.ckpt only with a top-k file: with top-1 by a val top-1 that stops
+    improving, it would lag behind; callbacks.last_checkpoint writes it at every epoch's end."""
+    run = tmp_path / "run"
+    few = ["data.root.train_per_class=10", "callbacks.model_checkpoint.save_top_k=1", "trainer.max_epochs=5"]
+    _run(_train_command(run, cache_dir, *few), os.environ.copy())
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (state["global_step"], state["epoch"]) == (5 * 2, 4)  # 40 images, 20 per batch
+    assert sorted(c.kind for c in checkpoint_files(run)) == [LAST, TOP_K]
