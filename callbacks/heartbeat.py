@@ -31,7 +31,7 @@ COLLECTIVE = "collective"  # a CPU collective of the callbacks between steps (se
 VALIDATION = "validation"
 CHECKPOINT = "saving a checkpoint"
 FINISHED = "finished"
-WATCHED = frozenset({DATA, STEP, COLLECTIVE, VALIDATION})  # the phases in which the next batch is expected
+WATCHED = frozenset({DATA, STEP, COLLECTIVE, VALIDATION, CHECKPOINT})  # all but the start-up and the end
 
 
 class Pulse:

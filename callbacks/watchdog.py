@@ -49,7 +49,7 @@ class HangWatchdog(pl.Callback):
     The launching process (Lightning's launcher) first gives the ranks it started a moment to report themselves,
     then kills them.
 
-    Armed only while training steps are expected (``heartbeat.WATCHED``):
+    Armed from the end of the first training step to the end of training (``heartbeat.WATCHED``):
 
     - start-up: disarmed from setup until this process's first training step ends (indexing, the sanity validation,
       the loader's first batches, torch.compile's compilation and the first step; their limits are
@@ -57,9 +57,8 @@ class HangWatchdog(pl.Callback):
     - validation: its clock restarts at every validation batch's end, so a validation that waits longer than the
       limit for one batch (a rank stopped there, a collective of the metrics' sync) fires it, and a long one does
       not; the sanity check before the first step belongs to the start-up;
-    - checkpoint saving: disarmed from ``on_save_checkpoint``, re-armed with a fresh clock at the next training step
-      or epoch (Lightning has no hook after a save: the wait for the first batch after a save is left to the
-      collective timeout);
+    - checkpoint saving: the clock restarts at ``on_save_checkpoint`` (a save, its barrier included, gets the whole
+      limit; Lightning has no hook after a save, and the next step, validation batch or epoch restarts it again);
     - training: the clock restarts at every step's start and end, so a step, or a wait for data and the callbacks
       between steps, longer than the limit fires it;
     - the end: disarmed from ``on_train_end``.

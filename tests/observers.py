@@ -225,17 +225,25 @@ class SlowStartAndValidation(pl.Callback):
         time.sleep(self.seconds / 2)
 
 
-class HangInValidation(pl.Callback):
-    """Global rank ``rank`` sleeps forever after its first validation batch during training (not the sanity check),
-    writing the time to ``marker`` first."""
+class HangIn(pl.Callback):
+    """Global rank ``rank`` sleeps forever, during training, after its first validation batch (``where=validation``)
+    or as it saves its first checkpoint (``where=checkpoint``), writing the time to ``marker`` first."""
 
-    def __init__(self, rank: int, marker: str) -> None:
-        self.rank, self.marker = rank, Path(marker)
+    def __init__(self, rank: int, where: str, marker: str) -> None:
+        self.rank, self.where, self.marker = rank, where, Path(marker)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.where == "validation" and not trainer.sanity_checking:
+            self._hang(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self.where == "checkpoint":
+            self._hang(trainer)
+
+    def _hang(self, trainer) -> None:
         import time
 
-        if trainer.global_rank == self.rank and not trainer.sanity_checking:
+        if trainer.global_rank == self.rank:
             self.marker.write_text(str(time.time()))
             HangRank.sleep_forever()
 

@@ -231,15 +231,17 @@ def test_the_slurm_trainer_keeps_its_cluster_environment(make_cfg, monkeypatch: 
 
 
 @pytest.mark.slow
-def test_a_rank_that_hangs_in_validation_is_reported(tmp_path: Path):
-    """Validation has the limit of its own progress: rank 1 asleep after its first validation batch is reported
-    within the limit and a margin, and the run exits."""
-    hang = ["+callbacks.hang._target_=tests.observers.HangInValidation", "+callbacks.hang.rank=1",
-            f"+callbacks.hang.marker={tmp_path / 'hung_at'}"]  # fmt: skip
+@pytest.mark.parametrize("where", ["validation", "checkpoint"])
+def test_a_rank_that_hangs_in_validation_or_a_checkpoint_save_is_reported(tmp_path: Path, where: str):
+    """Validation has the limit of each of its batches, a checkpoint's save the whole limit: rank 1 asleep after its
+    first validation batch, or in its first save (rank 0 then waits in the save's barrier), is reported within the
+    limit and a margin, and the run exits."""
+    hang = ["+callbacks.hang._target_=tests.observers.HangIn", "+callbacks.hang.rank=1",
+            f"+callbacks.hang.where={where}", f"+callbacks.hang.marker={tmp_path / 'hung_at'}"]  # fmt: skip
+    phase = {"validation": "validation", "checkpoint": "saving a checkpoint"}[where]
     code, log, exited, left = _run_ddp(tmp_path, *DDP, "callbacks.watchdog.minutes=0.2", *hang)
     hung_at = float((tmp_path / "hung_at").read_text())
     assert code != 0, log[-3000:]
     assert exited - hung_at < LIMIT_S + MARGIN_S, log[-3000:]
     assert left == []
-    assert "in phase 'validation'" in log and "in sleep_forever" in log, log[-3000:]
-
+    assert f"in phase '{phase}" in log and "in sleep_forever" in log, log[-3000:]
