@@ -58,6 +58,21 @@ def progress_of(path: Path) -> tuple[int, int]:
         raise UnreadableCheckpoint(f"{path}: {_first_line(error)}") from error
 
 
+def checkpoint_folders_of(path: Path) -> set[Path]:
+    """The folders the checkpoint's ModelCheckpoint callbacks wrote to (their state keeps ``dirpath``): which run
+    folder's top-k files it belongs to."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:
+        raise UnreadableCheckpoint(f"{path}: {_first_line(error)}") from error
+    callbacks = state.get("callbacks", {})
+    return {
+        Path(value["dirpath"]).resolve()
+        for key, value in callbacks.items()
+        if key.startswith("ModelCheckpoint") and isinstance(value, dict) and value.get("dirpath")
+    }
+
+
 def verify(path: Path) -> None:
     """Reads every member and checks its CRC-32: torch.load itself does not, and loads flipped bytes silently."""
     try:

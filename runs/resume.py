@@ -8,7 +8,15 @@ import time
 from pathlib import Path
 
 from data.spec import ConfigError
-from runs.checkpoints import CheckpointFile, UnreadableCheckpoint, checkpoint_files, progress_of, verify
+from runs.checkpoints import (
+    CHECKPOINTS,
+    CheckpointFile,
+    UnreadableCheckpoint,
+    checkpoint_files,
+    checkpoint_folders_of,
+    progress_of,
+    verify,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +56,14 @@ def resume_from(ckpt_path: str | None, run_dir: str | Path, *, global_rank: int,
     if not path.is_file():
         raise ResumeError(f"ckpt_path={ckpt_path}: no such file")
     own = [checkpoint for checkpoint in checkpoint_files(run_dir) if checkpoint.path.resolve() != path]
-    if own and run_dir.resolve() not in path.parents:
-        raise ResumeError(
-            f"ckpt_path={ckpt_path} is another run's checkpoint, and this run folder {run_dir} holds {len(own)} of its "
-            f"own (e.g. {own[0].path.name}): their top-k files would mix. Start in a new run folder (run_id=...), "
-            f"or move them aside first"
-        )
     try:
+        this_run = (run_dir / CHECKPOINTS).resolve() in checkpoint_folders_of(path)
+        if own and not this_run and run_dir.resolve() not in path.parents:
+            raise ResumeError(
+                f"ckpt_path={ckpt_path} is another run's checkpoint, and this run folder {run_dir} holds {len(own)} "
+                f"of its own (e.g. {own[0].path.name}): their top-k files would mix. Start in a new run folder "
+                f"(run_id=...), or move them aside first"
+            )
         verify(path)
         step, epoch = progress_of(path)
     except UnreadableCheckpoint as error:

@@ -106,6 +106,10 @@ def test_another_runs_checkpoint_is_refused_where_this_folder_has_its_own(tmp_pa
         resume_from(str(other), tmp_path / "run", global_rank=0)
     own = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert resume_from(str(own), tmp_path / "run", global_rank=0) == str(own)
+    copied = tmp_path / "elsewhere.ckpt"  # this run's checkpoint kept elsewhere: its ModelCheckpoint wrote here
+    written_by = {"ModelCheckpoint{...}": {"dirpath": str(own.parent)}}
+    torch.save({"global_step": 3, "epoch": 0, "callbacks": written_by}, copied)
+    assert resume_from(str(copied), tmp_path / "run", global_rank=0) == str(copied)
 
 
 def test_retention_keeps_the_newest_time_based_and_preemption_checkpoints(tmp_path: Path):
