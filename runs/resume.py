@@ -34,7 +34,8 @@ def resume_from(ckpt_path: str | None, run_dir: str | Path, *, global_rank: int,
     ``auto``: the newest complete checkpoint of any kind (by global step), or a fresh start in a folder without
     one. ``last``: the same, but a folder without one is an error. ``fresh``: start from scratch; the folder's
     checkpoints are first moved (by global rank 0) to ``superseded/<time>/``, so that two runs' top-k files never
-    mix and nothing is lost. A file: that checkpoint, which must be this folder's or the folder must hold none.
+    mix and nothing is lost. A file: that checkpoint, which must be this run's (in its folder, or written by its
+    ModelCheckpoint), or the folder must hold none.
     Every rank calls this with the same arguments and gets the same answer; only rank 0 logs and moves files.
     """
     run_dir = Path(run_dir)
