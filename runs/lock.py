@@ -29,6 +29,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -294,25 +295,14 @@ class RunFolderLock:
         return os.stat(staging).st_nlink == 2
 
     def _create(self) -> bool:
-        fd, staging = self._staged()
-        won = False
-        try:
-            won = self._link(staging, self.path)
-            return won
-        finally:
-            staging.unlink()
-            if won:
-                self._fd = fd
-            else:
-                os.close(fd)
+        return self._publish(lambda staging: self._link(staging, self.path))
 
     def _take_over(self, stale: _Holder) -> bool:
         """Replace the stale lock; of the contenders that judged these very bytes stale, only the one whose claim
         (a name made from them) links first proceeds, and only while the lock still holds them."""
         claim = self.run_dir / f".{LOCK_NAME}.takeover-{hashlib.sha1(stale.data).hexdigest()[:16]}"
-        fd, staging = self._staged()
-        won = False
-        try:
+
+        def claim_then_replace(staging: Path) -> bool:
             if not self._link(staging, claim):
                 self._clear_abandoned(claim)
                 return False
@@ -324,8 +314,18 @@ class RunFolderLock:
                 claim.unlink()
                 return False
             os.rename(claim, self.path)
-            won = True
             return True
+
+        return self._publish(claim_then_replace)
+
+    def _publish(self, publish: Callable[[Path], bool]) -> bool:
+        """Stages this process's record and runs ``publish`` on it; the staged descriptor becomes the lock's (its
+        heartbeat writes through it) where ``publish`` won, and is closed otherwise."""
+        fd, staging = self._staged()
+        won = False
+        try:
+            won = publish(staging)
+            return won
         finally:
             staging.unlink()
             if won:
