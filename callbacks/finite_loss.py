@@ -19,26 +19,27 @@ class NonFiniteLoss(RuntimeError):
     """The loss or a weight is NaN or infinite; the message names the step and where it was found."""
 
 
-def require_finite(trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor | None, when: str) -> None:
-    """Raises NonFiniteLoss on every rank when the loss or (with ``loss=None``) a weight of any rank is not finite.
-    One device-to-host copy and one CPU all-reduce: called at logging steps and before checkpoints, never per step."""
-    if loss is not None:
-        finite = torch.isfinite(loss.detach()).all()
-    else:
-        finite = torch.stack([torch.isfinite(p.detach()).all() for p in pl_module.parameters()]).all()
-    finite = finite.to("cpu", torch.int32).reshape(1)
+def require_finite(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, when: str, *, loss: torch.Tensor | None, weights: bool = False
+) -> None:
+    """Raises NonFiniteLoss on every rank when the loss (if given) or, with ``weights``, a weight of any rank is not
+    finite. One device-to-host copy and one CPU all-reduce: at logging steps and before checkpoints, never per step."""
+    checks = [torch.isfinite(loss.detach()).all()] if loss is not None else []
+    if weights:
+        checks += [torch.isfinite(p.detach()).all() for p in pl_module.parameters()]
+    finite = torch.stack(checks).all().to("cpu", torch.int32).reshape(1)
     group = cpu_group()
     if group is not None:
         with collective("finite-loss check"):
             dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)
     if finite.item():
         return
-    if loss is None:
-        what = "a weight is NaN or infinite"
-    elif torch.isfinite(loss).all():
-        what = "another rank's training loss is not finite"
-    else:
+    if loss is not None and not torch.isfinite(loss).all():
         what = f"the training loss is {float(loss):g} on rank {trainer.global_rank}"
+    elif weights and not all(torch.isfinite(p).all() for p in pl_module.parameters()):
+        what = f"a weight is NaN or infinite on rank {trainer.global_rank}"
+    else:
+        what = "another rank's training loss or weights are not finite"
     if trainer.is_global_zero:
         restart_would_not_help()  # a diverged run diverges again from its checkpoint
     raise NonFiniteLoss(
@@ -55,9 +56,9 @@ class StopOnNonFiniteLoss(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step % trainer.log_every_n_steps == 0:
-            require_finite(trainer, pl_module, outputs["loss"], "a logging step")
+            require_finite(trainer, pl_module, "a logging step", loss=outputs["loss"])
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            require_finite(trainer, pl_module, None, "before validation and the epoch's checkpoints")
+            require_finite(trainer, pl_module, "before validation and the epoch's checkpoints", loss=None, weights=True)
 

@@ -96,9 +96,7 @@ class MidEpochCheckpoint(pl.Callback):
         request = self._agreed(max(self._signalled, SAVE if time.monotonic() >= self._due else 0))
         if not request:
             return
-        if loss is not None:
-            require_finite(trainer, pl_module, loss, "a mid-epoch checkpoint")
-        require_finite(trainer, pl_module, None, "a mid-epoch checkpoint")
+        require_finite(trainer, pl_module, "a mid-epoch checkpoint", loss=loss, weights=True)
         if request == SAVE:
             timed = TIMED_NAME.format(step=trainer.global_step)
             self._save(trainer, Path(trainer.default_root_dir, CHECKPOINTS, timed))

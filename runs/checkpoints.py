@@ -48,29 +48,29 @@ def checkpoint_files(run_dir: str | os.PathLike) -> list[CheckpointFile]:
     return sorted(found, key=lambda checkpoint: str(checkpoint.path))
 
 
-def progress_of(path: Path) -> tuple[int, int]:
-    """(global step, epoch) from the checkpoint's pickle alone: its tensors are mapped, not read. A file cut short
-    has no zip directory and fails here."""
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        return int(state["global_step"]), int(state["epoch"])
-    except Exception as error:  # torch reports a truncated or foreign file in several ways
-        raise UnreadableCheckpoint(f"{path}: {_first_line(error)}") from error
+@dataclass(frozen=True)
+class CheckpointHeader:
+    """What resume needs of a checkpoint, read from its pickle alone (its tensors are mapped, not read): progress,
+    and the folders its ModelCheckpoint callbacks wrote to (their state keeps ``dirpath``), i.e. whose run it is."""
 
+    global_step: int
+    epoch: int
+    written_to: frozenset[Path]
 
-def checkpoint_folders_of(path: Path) -> set[Path]:
-    """The folders the checkpoint's ModelCheckpoint callbacks wrote to (their state keeps ``dirpath``): which run
-    folder's top-k files it belongs to."""
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as error:
-        raise UnreadableCheckpoint(f"{path}: {_first_line(error)}") from error
-    callbacks = state.get("callbacks", {})
-    return {
-        Path(value["dirpath"]).resolve()
-        for key, value in callbacks.items()
-        if key.startswith("ModelCheckpoint") and isinstance(value, dict) and value.get("dirpath")
-    }
+    @classmethod
+    def read(cls, path: Path) -> CheckpointHeader:
+        """A file cut short has no zip directory and fails here, as UnreadableCheckpoint naming it."""
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            step, epoch = int(state["global_step"]), int(state["epoch"])
+        except Exception as error:  # torch reports a truncated or foreign file in several ways
+            raise UnreadableCheckpoint(f"{path}: {_first_line(error)}") from error
+        folders = frozenset(
+            Path(value["dirpath"]).resolve()
+            for key, value in state.get("callbacks", {}).items()
+            if key.startswith("ModelCheckpoint") and isinstance(value, dict) and value.get("dirpath")
+        )
+        return cls(step, epoch, folders)
 
 
 def verify(path: Path) -> None:

@@ -11,10 +11,9 @@ from data.spec import ConfigError
 from runs.checkpoints import (
     CHECKPOINTS,
     CheckpointFile,
+    CheckpointHeader,
     UnreadableCheckpoint,
     checkpoint_files,
-    checkpoint_folders_of,
-    progress_of,
     verify,
 )
 
@@ -58,7 +57,8 @@ def resume_from(ckpt_path: str | None, run_dir: str | Path, *, global_rank: int,
         raise ResumeError(f"ckpt_path={ckpt_path}: no such file")
     own = [checkpoint for checkpoint in checkpoint_files(run_dir) if checkpoint.path.resolve() != path]
     try:
-        this_run = (run_dir / CHECKPOINTS).resolve() in checkpoint_folders_of(path)
+        header = CheckpointHeader.read(path)
+        this_run = (run_dir / CHECKPOINTS).resolve() in header.written_to
         if own and not this_run and run_dir.resolve() not in path.parents:
             raise ResumeError(
                 f"ckpt_path={ckpt_path} is another run's checkpoint, and this run folder {run_dir} holds {len(own)} "
@@ -66,10 +66,9 @@ def resume_from(ckpt_path: str | None, run_dir: str | Path, *, global_rank: int,
                 f"(run_id=...), or move them aside first"
             )
         verify(path)
-        step, epoch = progress_of(path)
     except UnreadableCheckpoint as error:
         raise ResumeError(f"ckpt_path={ckpt_path} does not load: {error}") from error
-    says("Resuming from %s (global step %d, epoch %d)", path, step, epoch)
+    says("Resuming from %s (global step %d, epoch %d)", path, header.global_step, header.epoch)
     return str(path)
 
 
@@ -80,12 +79,12 @@ def _newest_complete(run_dir: Path, *, global_rank: int) -> str | None:
     unreadable: list[str] = []
     for checkpoint in checkpoint_files(run_dir):
         try:
-            step, epoch = progress_of(checkpoint.path)
+            header = CheckpointHeader.read(checkpoint.path)
         except UnreadableCheckpoint as error:
             warns("Checkpoint %s does not load, skipped: %s", checkpoint.path, error)
             unreadable.append(str(error))
             continue
-        ranked.append((step, checkpoint.path.stat().st_mtime_ns, checkpoint, epoch))
+        ranked.append((header.global_step, checkpoint.path.stat().st_mtime_ns, checkpoint, header.epoch))
     for step, _, checkpoint, epoch in sorted(ranked, key=lambda entry: entry[:2], reverse=True):
         try:
             verify(checkpoint.path)
