@@ -25,9 +25,8 @@ def own_step_times(step_times: list[float], wait_fractions: list[float]) -> list
     DDP's gradient all-reduce holds every rank to the slowest one, so the step time (a window's seconds per step)
     is the same on all; what differs is where each spent it. A rank slow to get its batch waits for data longest,
     and the others wait for it inside their step, for the difference: a rank's own time is its step time less that
-    difference. Not told apart, from the host's clocks: a rank slow on its device (every rank's host waits for it
-    alike), or slow after its step's end (the others wait in Lightning's per-step broadcast of its SIGTERM flag,
-    which the ThroughputMonitor counts as their wait for data too).
+    difference (a rank slow in the callbacks after its step counts that as its wait for data, too). Not told apart
+    from the host's clocks: a rank slow on its device, for which every rank's host waits alike.
     """
     waits = [time * fraction for time, fraction in zip(step_times, wait_fractions)]
     longest = max(waits)
