@@ -219,11 +219,16 @@ class Shard:
 
 @dataclass(frozen=True)
 class ShardSplit:
-    """One split of a shard set: its shards in order and its sample count per class."""
+    """One split of a shard set: its shards in order, its sample count per class, and the width of its labels."""
 
     root: Path
     shards: tuple[Shard, ...]
     per_class: tuple[int, ...]
+    label_digits: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.per_class)
 
     def __len__(self) -> int:
         return sum(shard.samples for shard in self.shards)
@@ -287,14 +292,15 @@ class ShardSet:
         if manifest.get("version") != VERSION:
             raise ShardSetError(f"{manifest_path}: format version {manifest.get('version')}, this code reads {VERSION}")
         try:
-            splits = {name: _split(root, manifest["splits"][name]) for name in SPLITS}
+            digits = int(manifest["label_digits"])
+            splits = {name: _split(root, manifest["splits"][name], digits) for name in SPLITS}
             shard_set = cls(
                 root,
                 list(manifest["classes"]["wnids"]),
                 list(manifest["classes"]["names"]),
                 splits["train"],
                 splits["val"],
-                int(manifest["label_digits"]),
+                digits,
                 manifest,
             )
         except (KeyError, TypeError, ValueError) as error:
@@ -314,6 +320,6 @@ class ShardSet:
                 shard.verify(self.root, self.label_digits, self.num_classes)
 
 
-def _split(root: Path, record: dict) -> ShardSplit:
+def _split(root: Path, record: dict, label_digits: int) -> ShardSplit:
     shards = tuple(Shard(**shard) for shard in record["shards"])
-    return ShardSplit(root, shards, tuple(int(n) for n in record["per_class"]))
+    return ShardSplit(root, shards, tuple(int(n) for n in record["per_class"]), label_digits)
