@@ -1,8 +1,10 @@
 """The DALI loader (``data/loader=dali``): one pipeline definition for train and val whose decoder runs on the GPU
-("mixed") or the CPU.
+("mixed") or the CPU, reading image files (``readers.file``) or a shard set (``readers.webdataset``).
 
-The reader shards by global rank with a fresh global permutation every epoch (``shuffle_after_epoch``, one seed
-for all ranks so the shards of an epoch partition the set); augmentation seeds differ per rank.
+The reader shards by global rank with a fresh global order every epoch (``shuffle_after_epoch``, one seed for all
+ranks so the shards of an epoch partition the set); augmentation seeds differ per rank. Over files that order is a
+permutation of the samples; over tar shards it is a permutation of the shards, each read in order, and the samples
+mix through the permutation the converter wrote and a shuffle buffer (``shuffle_buffer``; README: Sharded datasets).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torchvision.transforms.v2.functional import resize
 from data.affinity import affinity_mask
 from data.ilsvrc import UNREADABLE_FILE_ADVICE, Split
 from data.placement import BatchRequest, Placement, Shard
+from data.shard_set import IMAGE_EXTENSIONS, LABEL_EXTENSION, ShardSplit, parse_label, verify_advice
 from data.spec import ConfigError, ImageSpec
 
 log = logging.getLogger(__name__)
@@ -136,33 +139,66 @@ def _resize(images, jpegs, size: list[int], spec: ImageSpec, decoder_device: str
     return dali_resize(images, jpegs, size, spec.orientation)
 
 
+class ShardLabels:
+    """The class index of each sample's ``.cls`` member, for a batch, as a DALI python function: a label that is not
+    the shard set's fixed-width digits naming a class stops the pipeline with the shard and the sample's name (its
+    ``source_info``, ``<tar>:<offset>:<member>``), never a wrong label. One vectorised pass per batch."""
+
+    def __init__(self, digits: int, num_classes: int) -> None:
+        self.digits, self.num_classes = digits, num_classes
+        self.place_values = 10 ** np.arange(digits - 1, -1, -1, dtype=np.int64)
+
+    def __call__(self, texts: list[np.ndarray], sources: list[np.ndarray]) -> list[np.ndarray]:
+        if all(text.shape == (self.digits,) for text in texts):
+            digits = np.stack(texts).astype(np.int64) - ord("0")
+            labels = digits @ self.place_values
+            if ((digits >= 0) & (digits <= 9)).all() and (labels < self.num_classes).all():
+                return list(labels[:, None].astype(np.int64))
+        for text, source in zip(texts, sources):  # the first bad one, named
+            tar, _, member = bytes(source).decode().rsplit(":", 2)
+            parse_label(bytes(text), self.digits, self.num_classes, tar, member.rsplit(".", 1)[0])
+        raise AssertionError("a batch failed the label check but none of its samples did")
+
+
+def _read(split: Split | ShardSplit, shard: Shard, training: bool, reader_seed: int, shuffle_buffer: int):
+    """The encoded images and their int64 labels, this rank's part of ``split``: a permutation of all samples
+    (files) or of the shards (tar shards) every epoch in training; one contiguous part of the split in validation."""
+    order = (
+        dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=reader_seed) if training else dict(stick_to_shard=True)
+    )
+    common = dict(shard_id=shard.rank, num_shards=shard.world_size, pad_last_batch=True, name=READER, **order)
+    if isinstance(split, Split):
+        return fn.readers.file(files=split.paths, labels=split.labels, **common)
+    if training and shuffle_buffer > 1:
+        common |= dict(random_shuffle=True, initial_fill=shuffle_buffer, seed=reader_seed)
+    jpegs, texts = fn.readers.webdataset(
+        paths=split.tar_paths,
+        index_paths=split.index_paths,
+        ext=[";".join(IMAGE_EXTENSIONS), LABEL_EXTENSION],
+        missing_component_behavior="error",
+        **common,
+    )
+    parse = ShardLabels(split.label_digits, split.num_classes)
+    labels = fn.python_function(texts, fn.get_property(texts, key="source_info"), function=parse, batch_processing=True)
+    return jpegs, labels
+
+
 @pipeline_def(enable_conditionals=False)
 def ilsvrc_pipeline(
-    split: Split,
+    split: Split | ShardSplit,
     spec: ImageSpec,
     training: bool,
     decoder_device: str,
     shard: Shard,
     reader_seed: int = 0,
+    shuffle_buffer: int = 0,
     image_dtype: str = "float32",
     hw_decoder_load: float = 0.65,
     decoder_memory: DecoderMemory = DecoderMemory(),
     cpus: Sequence[int] | None = None,
 ):
     """Train: random-resized crop decoded straight from the JPEG, resize, flip. Val: shorter side, centre crop."""
-    jpegs, labels = fn.readers.file(
-        files=split.paths,
-        labels=split.labels,
-        shard_id=shard.rank,
-        num_shards=shard.world_size,
-        pad_last_batch=True,
-        name=READER,
-        **(
-            dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=reader_seed)
-            if training
-            else dict(stick_to_shard=True)
-        ),
-    )
+    jpegs, labels = _read(split, shard, training, reader_seed, shuffle_buffer)
     decoding = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=spec.orientation == "exif")
     if decoder_device == "mixed":  # the hardware decoder's share set explicitly: its default moved across versions
         decoding |= dict(hw_decoder_load=hw_decoder_load, **decoder_memory.arguments())
@@ -192,6 +228,11 @@ def ilsvrc_pipeline(
     return images, labels
 
 
+def _advice(split: Split | ShardSplit) -> str:
+    """What to do when the pipeline cannot read or decode a sample of ``split``."""
+    return verify_advice(split.root) if isinstance(split, ShardSplit) else UNREADABLE_FILE_ADVICE
+
+
 def pin_threads(cpus: Sequence[int] | None, num_threads: int) -> None:
     """Pins the DALI threads of this process's pipelines built with ``set_affinity`` to ``cpus``, unless the user
     set ``DALI_AFFINITY_MASK`` already. Process-wide and left set: each thread reads it when it starts, later."""
@@ -217,8 +258,10 @@ class DaliLoader:
     ``limit_*_batches``) is drained before the next one starts.
     """
 
-    def __init__(self, pipeline, batches_per_epoch: int | None, last_batch_policy: LastBatchPolicy) -> None:
-        self.last_batch_policy = last_batch_policy
+    def __init__(
+        self, pipeline, batches_per_epoch: int | None, last_batch_policy: LastBatchPolicy, advice: str
+    ) -> None:
+        self.last_batch_policy, self.advice = last_batch_policy, advice
         self.iterator = _iterator(pipeline, last_batch_policy)
         self.batches_per_epoch = len(self.iterator) if batches_per_epoch is None else batches_per_epoch
         self.in_epoch = False
@@ -234,8 +277,8 @@ class DaliLoader:
         for index in range(self.batches_per_epoch):
             try:
                 batch = next(self.iterator)[0]
-            except RuntimeError as error:  # DALI names the file; say what to do about it
-                raise RuntimeError(f"{error}\n{UNREADABLE_FILE_ADVICE}") from error
+            except RuntimeError as error:  # DALI names the file (not always the sample of a shard): what to do
+                raise RuntimeError(f"{error}\n{self.advice}") from error
             if index >= replay:
                 yield batch["images"].permute(0, 3, 1, 2), batch["labels"].view(-1)
         self._finish_epoch()
@@ -266,8 +309,9 @@ class ResumableDaliLoader(DaliLoader):
         batches_per_epoch: int,
         trained_batches: Callable[[], int],
         shard: Shard,
+        advice: str,
     ) -> None:
-        super().__init__(build_pipeline(None), batches_per_epoch, LastBatchPolicy.DROP)
+        super().__init__(build_pipeline(None), batches_per_epoch, LastBatchPolicy.DROP, advice)
         self.build_pipeline, self.trained_batches = build_pipeline, trained_batches
         self.rank, self.world_size = shard.rank, shard.world_size
         self.epoch_start: str | None = None  # set when an epoch starts; read only while one runs
@@ -309,6 +353,9 @@ class DaliLoaders:
     On the GPU, nvJPEG's buffers are per thread, so a rank with many threads preallocates GBs: ``gpu_memory_mib`` and
     ``pinned_memory_mib`` are the rank's budget for its train and val pipelines together, and the paddings are sized
     to fit it; the val pipeline decodes with ``val_threads`` threads (it runs a few minutes per epoch).
+
+    ``shuffle_buffer``: over a shard set, the encoded samples each rank's train reader draws from at random (host
+    memory: about 110 KB each for ILSVRC); 0 or 1: none.
     """
 
     name = "dali"
@@ -325,6 +372,7 @@ class DaliLoaders:
         val_threads: int = 2,
         gpu_memory_mib: int = 1024,
         pinned_memory_mib: int = 2048,
+        shuffle_buffer: int = 1024,
     ) -> None:
         if device not in DEVICES:
             raise ConfigError("data.loader.device", device, " or ".join(DEVICES))
@@ -333,6 +381,8 @@ class DaliLoaders:
         for key, value in dict(prefetch_depth=prefetch_depth, val_threads=val_threads).items():
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"data.loader.{key}", value, "a whole number >= 1")
+        if not isinstance(shuffle_buffer, int) or isinstance(shuffle_buffer, bool) or shuffle_buffer < 0:
+            raise ConfigError("data.loader.shuffle_buffer", shuffle_buffer, "a number of samples >= 0 (0: none)")
         if not 0 <= hw_decoder_load <= 1:
             raise ConfigError("data.loader.hw_decoder_load", hw_decoder_load, "a share between 0 and 1")
         for key, value in dict(gpu_memory_mib=gpu_memory_mib, pinned_memory_mib=pinned_memory_mib).items():
@@ -341,6 +391,7 @@ class DaliLoaders:
         self.device, self.output_dtype, self.prefetch_depth = device, output_dtype, prefetch_depth
         self.hw_decoder_load, self.cpu_affinity, self.val_threads = hw_decoder_load, cpu_affinity, val_threads
         self.gpu_memory, self.pinned_memory = gpu_memory_mib * MIB, pinned_memory_mib * MIB
+        self.shuffle_buffer = shuffle_buffer
 
     def decoder(self, placement: Placement) -> str:
         """``mixed`` or ``cpu`` for a rank placed on ``placement.device``."""
@@ -422,13 +473,18 @@ class DaliLoaders:
             ilsvrc_pipeline,
             training=True,
             reader_seed=seed,
+            shuffle_buffer=self.shuffle_buffer,
             seed=seed + 1 + request.shard.rank,
             enable_checkpointing=True,
             **self.pipeline_arguments(request, training=True),
         )
         steps = self.batches_per_epoch(len(request.split), request.batch_size, request.shard)
         return ResumableDaliLoader(
-            lambda checkpoint: build_pipeline(checkpoint=checkpoint), steps, trained_batches, request.shard
+            lambda checkpoint: build_pipeline(checkpoint=checkpoint),
+            steps,
+            trained_batches,
+            request.shard,
+            advice=_advice(request.split),
         )
 
     def val(self, request: BatchRequest, ten_crop: bool = False) -> DaliLoader:
@@ -436,7 +492,7 @@ class DaliLoaders:
         if ten_crop:
             raise ConfigError("data.val_crops", 10, "1 with data/loader=dali (ten crops: data/loader=torchvision)")
         pipeline = ilsvrc_pipeline(training=False, **self.pipeline_arguments(request, training=False))
-        return DaliLoader(pipeline, None, LastBatchPolicy.PARTIAL)
+        return DaliLoader(pipeline, None, LastBatchPolicy.PARTIAL, advice=_advice(request.split))
 
     def pipeline_arguments(self, request: BatchRequest, training: bool) -> dict:
         """What the pipeline reads and makes, where it decodes, which shard it reads, how it uses the machine."""

@@ -19,6 +19,7 @@ from compat import launches_its_ranks_by_rerunning_the_script, trained_batches_i
 from data.ilsvrc import ILSVRCLayout, Split
 from data.index import MODES, SCOPES, IndexRole, job_run_token, shared_layout, usable_cores
 from data.placement import BatchRequest, Placement, Shard, placement_of, shard_of
+from data.shard_set import ShardSet, ShardSplit, is_shard_set
 from data.spec import ConfigError, ImageSpec
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,18 @@ class ImageNetDataModule(pl.LightningDataModule):
         )
 
     @cached_property
-    def layout(self) -> ILSVRCLayout:
-        """The scanned and checked dataset without unreadable files; ``DatasetLayoutError`` names a path at fault."""
-        layout = shared_layout(
-            self.root, self.index, self.cache_dir, usable_cores(), self.index_role, self.index_wait_s
-        )
+    def layout(self) -> ILSVRCLayout | ShardSet:
+        """The dataset: a shard set where ``root`` holds a manifest (data/shard_set.py; its files were checked when it
+        was converted), else the scanned and checked folders without unreadable files. ``DatasetLayoutError`` or
+        ``ShardSetError`` names a path at fault."""
+        if is_shard_set(self.root):
+            layout = ShardSet.open(self.root)
+            if self.index == "full":
+                log.info("data.index=full: the converter checked the files (python -m data.shards --index full)")
+        else:
+            layout = shared_layout(
+                self.root, self.index, self.cache_dir, usable_cores(), self.index_role, self.index_wait_s
+            )
         log.info("Dataset %s", layout.summary())
         return layout
 
@@ -152,7 +160,7 @@ class ImageNetDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> Iterable:
         return self.loader.val(self._request(self.layout.val), ten_crop=self.val_crops == 10)
 
-    def _request(self, split: Split) -> BatchRequest:
+    def _request(self, split: Split | ShardSplit) -> BatchRequest:
         return BatchRequest(split, self.spec, self.batch_size, self.shard, self.placement)
 
     def val_order(self) -> Sequence[int]:

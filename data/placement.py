@@ -12,6 +12,7 @@ import torch
 
 from data import affinity
 from data.ilsvrc import Split
+from data.shard_set import ShardSplit
 from data.spec import ImageSpec
 
 
@@ -40,10 +41,10 @@ class Placement:
 
 @dataclass(frozen=True)
 class BatchRequest:
-    """What a loader is asked for: batches of ``split`` made as ``spec`` says, ``batch_size`` images each, for the
-    rank that ``shard`` names, placed as ``placement`` says."""
+    """What a loader is asked for: batches of ``split`` (image files, or a shard set's tar shards) made as ``spec``
+    says, ``batch_size`` images each, for the rank that ``shard`` names, placed as ``placement`` says."""
 
-    split: Split
+    split: Split | ShardSplit
     spec: ImageSpec
     batch_size: int
     shard: Shard = Shard()

@@ -40,6 +40,14 @@ class ShardSetError(ValueError):
     """A shard set that cannot be read as its manifest says: the message names the file (and sample) at fault."""
 
 
+def verify_advice(root: str | os.PathLike) -> str:
+    """What to run when a sample of the set at ``root`` cannot be read: the check that names the shard and sample."""
+    return (
+        f"A sample of the shard set {root} cannot be read: `python -m data.shards --verify {root}` names the shard "
+        "and the sample at fault (convert again into a new folder to replace it)"
+    )
+
+
 def is_shard_set(root: str | os.PathLike) -> bool:
     """Whether ``root`` is a shard set's folder (it holds a manifest) rather than an ILSVRC folder layout."""
     return (Path(root).expanduser() / MANIFEST).is_file()
