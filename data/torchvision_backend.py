@@ -1,5 +1,5 @@
 """The torchvision loader (``data/loader=torchvision``): libjpeg-turbo decoding and transforms.v2 on uint8 tensors in
-DataLoader worker processes.
+DataLoader worker processes, reading image files or a shard set's tars (data/shard_reader.py).
 
 Batches stay uint8 until they are on the device (4x less to copy); the datamodule normalises them there.
 """
@@ -18,13 +18,19 @@ from torchvision.transforms import v2
 from compat import UnrepeatedDistributedSampler
 from data.ilsvrc import UNREADABLE_FILE_ADVICE, Split
 from data.placement import BatchRequest, Placement, Shard
+from data.shard_set import ShardSplit
 from data.spec import ImageSpec
 
 
 def decode(path: str, spec: ImageSpec) -> torch.Tensor:
     """The file as 8-bit RGB (C, H, W), oriented as ``spec.orientation`` says: the one decoding step of the
     torchvision loader, ``predict.py`` and the index's full check."""
-    image = decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=spec.orientation == "exif")
+    return decode_bytes(read_file(path), spec)
+
+
+def decode_bytes(encoded: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+    """An encoded image (1-D uint8: a file's bytes, or a shard sample's) as ``decode`` makes it."""
+    image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=spec.orientation == "exif")
     if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
         image = v2.functional.to_dtype(image, torch.uint8, scale=True)
     return image
@@ -60,18 +66,32 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = key if isinstance(key, tuple) else (key, None)
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        """Sample ``index`` decoded, and its label (``ShardImages`` reads them from tar shards instead)."""
         path = self.split.paths[index]
         try:
             image = decode(path, self.spec)
         except RuntimeError as error:
             raise RuntimeError(f"{path}: cannot be decoded ({error})\n{UNREADABLE_FILE_ADVICE}") from error
+        return image, self.split.labels[index]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image, label = self.load(index)
         if seed is None:
-            return self.transform(image), self.split.labels[index]
+            return self.transform(image), label
         with torch.random.fork_rng(devices=[]):  # the sample's augmentation depends on (seed, epoch, index) only
             torch.default_generator.manual_seed(seed)  # the CPU's: torch.manual_seed also seeds every accelerator
-            return self.transform(image), self.split.labels[index]
+            return self.transform(image), label
+
+
+def dataset_of(split: Split | ShardSplit, spec: ImageSpec, transform: v2.Transform) -> ImageFiles:
+    """The dataset of a split of image files, or of a shard set's split (read from its tars)."""
+    if isinstance(split, ShardSplit):
+        from data.shard_reader import ShardImages  # which builds on this module's ImageFiles
+
+        return ShardImages(split, spec, transform)
+    return ImageFiles(split, spec, transform)
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -135,7 +155,7 @@ class TorchvisionLoaders:
         sampler = EpochSeededSampler(
             request.split, num_replicas=shard.world_size, rank=shard.rank, shuffle=True, seed=seed
         )
-        dataset = ImageFiles(request.split, request.spec, train_transform(request.spec))
+        dataset = dataset_of(request.split, request.spec, train_transform(request.spec))
         return ResumableDataLoader(
             dataset, trained_batches=trained_batches, sampler=sampler, drop_last=True, **self._loading(request)
         )
@@ -146,7 +166,7 @@ class TorchvisionLoaders:
         sampler = UnrepeatedDistributedSampler(
             request.split, num_replicas=shard.world_size, rank=shard.rank, shuffle=False
         )
-        dataset = ImageFiles(request.split, request.spec, val_transform(request.spec, ten_crop))
+        dataset = dataset_of(request.split, request.spec, val_transform(request.spec, ten_crop))
         return DataLoader(dataset, sampler=sampler, **self._loading(request))
 
     def _loading(self, request: BatchRequest) -> dict:
