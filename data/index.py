@@ -180,10 +180,18 @@ def _keep(split: Split, verdicts: dict[str, str]) -> Split:
 
 def indexed_layout(layout: ILSVRCLayout, mode: str, cache_dir: str | os.PathLike, workers: int) -> ILSVRCLayout:
     """``layout`` without the files that fail the ``mode`` check, each exclusion logged with its reason."""
+    return checked_layout(layout, mode, cache_dir, workers)[0]
+
+
+def checked_layout(
+    layout: ILSVRCLayout, mode: str, cache_dir: str | os.PathLike, workers: int
+) -> tuple[ILSVRCLayout, dict[str, str]]:
+    """``layout`` without the files that fail the ``mode`` check, and those files (path as in ``layout``) with their
+    reasons, each exclusion logged: for a tool that records what it left out (data/shards.py's manifest)."""
     if mode not in MODES:
         raise ValueError(f"data.index must be one of {MODES}, got {mode!r}")
     if mode == "none":
-        return layout
+        return layout, {}
     cache = IndexCache(Path(cache_dir).expanduser(), layout.root, mode)
     verdicts = index_files(layout.train.paths + layout.val.paths, cache, mode == "full", workers)
     excluded = {p: v for p, v in verdicts.items() if v != "ok"}
@@ -198,7 +206,7 @@ def indexed_layout(layout: ILSVRCLayout, mode: str, cache_dir: str | os.PathLike
             ", ".join(f"{n} {r}" for r, n in reasons.most_common()),
             cache.path,
         )
-    return replace(layout, train=_keep(layout.train, verdicts), val=_keep(layout.val, verdicts))
+    return replace(layout, train=_keep(layout.train, verdicts), val=_keep(layout.val, verdicts)), excluded
 
 
 class IndexWaitError(RuntimeError):
@@ -366,16 +374,17 @@ def shared_layout(
     return layout
 
 
+def default_cache_dir() -> Path:
+    """The cache folder training uses by default (conf/paths/default.yaml), so that a CLI shares its verdicts."""
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "imagenet-pipeline"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path)
     parser.add_argument("--mode", choices=MODES[1:], default="fast")
     parser.add_argument("--workers", type=int, default=usable_cores())
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "imagenet-pipeline",
-    )
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     layout = indexed_layout(load_layout(args.root), args.mode, args.cache_dir, args.workers)
