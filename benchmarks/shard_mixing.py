@@ -4,11 +4,12 @@ histogram of batches, how often batches repeat from one epoch to the next, and t
     python -m benchmarks.shard_mixing [--classes 1000] [--per-class 100] [--shard-samples 1024] [--batch 256]
         [--epochs 3] [--buffers 0,1024,4096,16384] [--json PATH] [--folder DIR]
 
-A synthetic ILSVRC-shaped label set (``--classes`` x ``--per-class`` samples, listed class by class as the folder
-index lists them) is written twice as a shard set (data/shard_set.py's format): in the converter's train order
-(``np.random.default_rng(seed).permutation``, then ``np.array_split`` into equal shards, as data/shards.py's
-``make_plan``) and, to show why the converter permutes, sorted by class. Every sample is a tiny file whose bytes are a
-JPEG's two magic bytes and the sample's number: nothing is decoded, the number identifies the sample in the output.
+A synthetic ILSVRC-shaped train set (``--classes`` x ``--per-class`` samples, listed class by class as the folder
+index lists them) is written as files, then twice as a shard set by the converter's own functions (data/shards.py:
+``make_plan``, ``write_shard``, ``seal_shard``): in its train order (``np.random.default_rng(seed).permutation``, then
+``np.array_split`` into equal shards) and, to show why the converter permutes, the same shards filled in class order.
+Every sample is a tiny file whose bytes are a JPEG's two magic bytes and the sample's number: nothing is decoded,
+the number identifies the sample in the reader's output.
 
 The orders are those of the real DALI readers, built by ``data.dali._read`` as the train loader builds them (CPU
 pipeline, ``shuffle_after_epoch`` with one reader seed, rank ``r`` of ``W``): ``readers.file`` over the same samples
@@ -31,12 +32,10 @@ Per order, for world size 1 and for rank 0 of 8:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Sequence
@@ -48,20 +47,10 @@ import nvidia.dali
 from nvidia.dali import pipeline_def
 
 from data.dali import DaliLoaders, _read
-from data.ilsvrc import Split
+from data.ilsvrc import ILSVRCLayout, Split
 from data.placement import Shard
-from data.shard_set import (
-    FORMAT,
-    INDEX_VERSION,
-    LABEL_EXTENSION,
-    MANIFEST,
-    TAR_HEADER,
-    VERSION,
-    ShardSet,
-    ShardSplit,
-    file_sha256,
-    label_text,
-)
+from data.shard_set import FORMAT, MANIFEST, VERSION, ShardSet, ShardSplit
+from data.shards import make_plan, seal_shard, shard_name, write_shard
 
 JPEG_MAGIC = b"\xff\xd8"
 ID_BYTES = 4  # the sample's number after the magic, little-endian
@@ -71,14 +60,6 @@ PIPELINE_SEED = 12345  # DALI's own seed; the reader's order comes from the read
 def synthetic_labels(classes: int, per_class: int) -> np.ndarray:
     """The class of each sample, class by class (the order the folder index lists an ILSVRC train set in)."""
     return np.repeat(np.arange(classes, dtype=np.int64), per_class)
-
-
-def shard_parts(samples: int, shard_samples: int, seed: int | None) -> list[np.ndarray]:
-    """The sample numbers of each shard: the converter's rule (data/shards.py ``make_plan``: a seeded permutation,
-    then ``np.array_split`` into ``ceil(samples / shard_samples)`` equal shards), or with ``seed=None`` the class
-    order left as it is (what a converter without the permutation would write)."""
-    order = np.arange(samples) if seed is None else np.random.default_rng(seed).permutation(samples)
-    return np.array_split(order, math.ceil(samples / shard_samples))
 
 
 def sample_bytes(number: int) -> bytes:
@@ -92,7 +73,8 @@ def sample_numbers(batch) -> np.ndarray:
 
 
 def write_files(folder: Path, labels: np.ndarray) -> Split:
-    """One file per sample, ``<wnid>/<wnid>_<number>.JPEG``, as a folder ``Split`` (what ``readers.file`` reads)."""
+    """One file per sample, ``<wnid>/<wnid>_<number>.JPEG``, as a folder ``Split`` (what ``readers.file`` reads and
+    the shards are written from)."""
     paths = []
     for number, label in enumerate(labels.tolist()):
         wnid = f"n{label:08d}"
@@ -103,56 +85,51 @@ def write_files(folder: Path, labels: np.ndarray) -> Split:
     return Split(paths, labels.tolist())
 
 
-def _member(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o444
-    return info
+def _number(entry: list) -> int:
+    """The sample number of a plan entry ``[relative path, label, key, size]`` (its key ends in ``_<number>``)."""
+    return int(entry[2].rsplit("_", 1)[1])
 
 
-def write_shard_set(out: Path, labels: np.ndarray, parts: Sequence[np.ndarray]) -> ShardSet:
-    """A shard set of the samples ``labels`` describes, shard ``i`` holding the samples ``parts[i]`` in that order:
-    USTAR tars of ``<key>.jpg`` + ``<key>.cls`` members, their DALI index files (v1.2) and the manifest, in
-    data/shard_set.py's format (the same bytes data/shards.py's ``write_shard`` writes for such files). Opened
-    with ``ShardSet.open``, whose checks it passes."""
-    num_classes = int(labels.max()) + 1
-    digits = max(1, len(str(num_classes - 1)))
+def conversion_plan(folder: Path, files: Split, shard_samples: int, seed: int | None) -> dict:
+    """data/shards.py's plan for the train files ``files`` under ``folder`` (``make_plan``: the seeded permutation,
+    then ``np.array_split`` into equal shards); with ``seed=None`` the same shards filled in class order instead,
+    what a converter without the permutation would write."""
+    classes = max(files.labels) + 1
+    wnids = [f"n{c:08d}" for c in range(classes)]
+    layout = ILSVRCLayout(folder, wnids, wnids, files, Split([], []))
+    source = {"synthetic": str(folder), "seed": seed, "shard_samples": shard_samples, "splits": ["train"]}
+    plan = make_plan(layout, {}, source=source, splits=["train"], shard_samples=shard_samples, seed=seed or 0)
+    if seed is None:
+        shards = plan["splits"]["train"]["shards"]
+        entries = sorted((entry for shard in shards for entry in shard), key=_number)
+        parts = np.array_split(np.arange(len(entries)), len(shards))
+        plan["splits"]["train"]["shards"] = [[entries[i] for i in part] for part in parts]
+    return plan
+
+
+def write_shard_set(out: Path, folder: Path, plan: dict) -> ShardSet:
+    """The shard set of ``plan``'s train split: each shard written and sealed by data/shards.py (``write_shard``,
+    ``seal_shard``), then the manifest; opened with ``ShardSet.open``, whose checks it passes."""
+    digits, num_classes = plan["label_digits"], len(plan["classes"]["wnids"])
     (out / "train").mkdir(parents=True)
-    records = []
-    for number, part in enumerate(parts):
-        tar_path, index_path = out / "train" / f"train-{number:06d}.tar", out / "train" / f"train-{number:06d}.idx"
-        lines = []
-        with open(tar_path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for sample in part.tolist():
-                label = int(labels[sample])
-                key = f"n{label:08d}/n{label:08d}_{sample}"
-                fields = []
-                for extension, payload in (("jpg", sample_bytes(sample)), (LABEL_EXTENSION, label_text(label, digits))):
-                    fields += [extension, str(f.tell() + TAR_HEADER), str(len(payload)), f"{key}.{extension}"]
-                    tar.addfile(_member(f"{key}.{extension}", len(payload)), io.BytesIO(payload))
-                lines.append(" ".join(fields) + "\n")
-        index_path.write_text(f"{INDEX_VERSION} {len(lines)}\n{''.join(lines)}", encoding="utf-8")
-        records.append(
-            dict(
-                tar=f"train/{tar_path.name}",
-                index=f"train/{index_path.name}",
-                samples=len(part),
-                bytes=tar_path.stat().st_size,
-                index_bytes=index_path.stat().st_size,
-                sha256=file_sha256(tar_path),
-                index_sha256=file_sha256(index_path),
-            )
-        )
-    per_class = np.bincount(labels, minlength=num_classes).tolist()
+    record = {"samples": 0, "per_class": [0] * num_classes, "shards": [], "excluded": []}
+    for number, entries in enumerate(plan["splits"]["train"]["shards"]):
+        name = shard_name("train", number)
+        write_shard(str(folder), out / "train", name, entries, digits)
+        record["shards"].append(seal_shard(out, "train", name, entries, digits, num_classes))
+        record["samples"] += len(entries)
+        for _, label, _, _ in entries:
+            record["per_class"][label] += 1
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "label_digits": digits,
-        "classes": {"wnids": [f"n{c:08d}" for c in range(num_classes)], "names": [str(c) for c in range(num_classes)]},
+        "classes": plan["classes"],
         "splits": {
-            "train": {"samples": len(labels), "per_class": per_class, "shards": records, "excluded": []},
+            "train": record,
             "val": {"samples": 0, "per_class": [0] * num_classes, "shards": [], "excluded": []},
         },
-        "source": {"synthetic": True},
+        "source": plan["source"],
     }
     (out / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     return ShardSet.open(out)
@@ -282,10 +259,11 @@ def run(
     """Writes the synthetic sets under ``folder`` and measures every order for rank 0 of each world size."""
     start = time.perf_counter()
     labels = synthetic_labels(classes, per_class)
-    splits: dict[str, Split | ShardSplit] = {"files": write_files(folder / "files", labels)}
+    files = write_files(folder / "files", labels)
+    splits: dict[str, Split | ShardSplit] = {"files": files}
     for reader, seed in (("shards", conversion_seed), ("sorted", None)):
-        parts = shard_parts(len(labels), shard_samples, seed)
-        splits[reader] = write_shard_set(folder / reader, labels, parts).train
+        plan = conversion_plan(folder / "files", files, shard_samples, seed)
+        splits[reader] = write_shard_set(folder / reader, folder / "files", plan).train
     shards = len(splits["shards"].shards)
     results = {
         "classes": classes,

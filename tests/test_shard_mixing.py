@@ -5,11 +5,12 @@ the next epoch; shards sorted by class without a buffer give batches of a few cl
 from __future__ import annotations
 
 from benchmarks.shard_mixing import (
+    conversion_plan,
     iid_expectation,
     measure_order,
     read_epochs,
-    shard_parts,
     synthetic_labels,
+    write_files,
     write_shard_set,
 )
 from data.placement import Shard
@@ -19,8 +20,13 @@ CLASSES, PER_CLASS, SHARD_SAMPLES, BATCH, EPOCHS = 50, 40, 128, 64, 2
 
 def test_permuted_shards_with_a_buffer_mix_like_iid_batches_and_sorted_shards_do_not(tmp_path):
     labels = synthetic_labels(CLASSES, PER_CLASS)
-    permuted = write_shard_set(tmp_path / "permuted", labels, shard_parts(len(labels), SHARD_SAMPLES, seed=0)).train
-    by_class = write_shard_set(tmp_path / "sorted", labels, shard_parts(len(labels), SHARD_SAMPLES, seed=None)).train
+    files = write_files(tmp_path / "files", labels)
+    permuted, by_class = (
+        write_shard_set(
+            tmp_path / name, tmp_path / "files", conversion_plan(tmp_path / "files", files, SHARD_SAMPLES, seed)
+        ).train
+        for name, seed in (("permuted", 0), ("sorted", None))
+    )
 
     def measured(split, buffer: int) -> dict:
         epochs = read_epochs(split, Shard(0, 1), BATCH, EPOCHS, reader_seed=0, shuffle_buffer=buffer)
