@@ -19,7 +19,7 @@ from compat import launches_its_ranks_by_rerunning_the_script, trained_batches_i
 from data.ilsvrc import ILSVRCLayout, Split
 from data.index import MODES, SCOPES, IndexRole, job_run_token, shared_layout, usable_cores
 from data.placement import BatchRequest, Placement, Shard, placement_of, shard_of
-from data.shard_set import ShardSet, ShardSplit, is_shard_set
+from data.shard_set import ShardSet, ShardSetError, ShardSplit, is_shard_set
 from data.spec import ConfigError, ImageSpec
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,10 @@ class ImageNetDataModule(pl.LightningDataModule):
         ``ShardSetError`` names a path at fault."""
         if is_shard_set(self.root):
             layout = ShardSet.open(self.root)
+            for name, split in (("train", layout.train), ("val", layout.val)):
+                if not len(split):
+                    raise ShardSetError(f"{layout.root}: its {name} split is empty (converted with --splits): "
+                                        "training needs train and val")  # fmt: skip
             if self.index == "full":
                 log.info("data.index=full: the converter checked the files (python -m data.shards --index full)")
         else:

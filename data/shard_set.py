@@ -33,7 +33,6 @@ LABEL_EXTENSION = "cls"
 SPLITS = ("train", "val")
 HASH_CHUNK = 1 << 22
 TAR_HEADER = 512
-TAR_TAIL = 2 * TAR_HEADER + 20 * TAR_HEADER  # end-of-archive blocks, then padding to tarfile's 10 KiB record
 
 
 class ShardSetError(ValueError):
@@ -185,24 +184,26 @@ class Shard:
                 )
 
     def check_index(self, root: Path) -> None:
-        """The index's header counts the manifest's samples and its last member ends where the tar's data ends (two
-        small reads): an index swapped with another shard's is found at start, not as a decoding error."""
+        """The index's header counts the manifest's samples, and its last member is where the tar has it (a few small
+        reads): an index swapped with another shard's is found at start, not as a decoding error."""
         path = root / self.index
         with open(path, "rb") as f:
             header = f.readline().split()
             f.seek(max(0, self.index_bytes - 4096))
-            last = f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1].split()
+            last = f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1].decode("utf-8", "replace").split()
         try:
-            end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(0, len(last), 4))
-            counted = int(header[1])
+            counted, name = int(header[1]), last[-1]
+            member = Member(int(last[-3]), int(last[-2]))
         except (IndexError, ValueError):
             raise ShardSetError(f"{path}: not a DALI index file ({INDEX_VERSION}) of this project's format") from None
-        padded_end = -(-end // TAR_HEADER) * TAR_HEADER
-        if counted != self.samples or not padded_end <= self.bytes <= padded_end + TAR_TAIL:
-            raise ShardSetError(
-                f"{path}: counts {counted} samples ending at byte {end}, but {root / self.tar} holds "
-                f"{self.samples} samples in {self.bytes} bytes: the index does not match its shard"
-            )
+        if counted != self.samples:
+            raise ShardSetError(f"{path}: counts {counted} samples, {root / MANIFEST} {self.samples} for its shard")
+        tar = root / self.tar
+        fd = os.open(tar, os.O_RDONLY)
+        try:
+            read_member(fd, str(tar), name, Member(member.offset, 0))  # its header only
+        finally:
+            os.close(fd)
 
     def verify(self, root: Path, label_digits: int, num_classes: int) -> None:
         """The checksums the manifest records; an index whose every member is where the tar has it; a class for

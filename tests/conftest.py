@@ -61,6 +61,42 @@ def small_demo_root(cache_dir: Path) -> Path:
     return ensure_demo_dataset(cache_dir, **SMALL_DEMO)
 
 
+def convert_to_shards(root: Path, out: Path, *options: str) -> Path:
+    """``python -m data.shards ROOT OUT OPTIONS`` as a user runs it, its index cache beside OUT; OUT."""
+    cache = f"--cache-dir={out.parent / 'index-cache'}"
+    command = [sys.executable, "-m", "data.shards", str(root), str(out), "--workers", "2", cache, *options]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def one_image_per_class(folder: Path, classes: int) -> Path:
+    """An ILSVRC layout of ``classes`` real ILSVRC samples (symbolic links to ../shared), one per class in train/ and
+    the same in val/: a label then names its sample, whatever the augmentation does to the pixels."""
+    samples = sorted((SHARED_DATA / "imagenet-samples").glob("*.JPEG"))[:classes]
+    if len(samples) < classes:
+        pytest.skip(f"needs {classes} ILSVRC samples in {SHARED_DATA / 'imagenet-samples'}")
+    for split in ("train", "val"):
+        for sample in samples:
+            wnid = sample.name.split("_")[0]
+            (folder / split / wnid).mkdir(parents=True, exist_ok=True)
+            (folder / split / wnid / sample.name).symlink_to(sample)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def unique_label_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """240 real ILSVRC samples of 240 classes as a shard set: train in 5 shards of 48, val in 5 of 48."""
+    root = one_image_per_class(tmp_path_factory.mktemp("unique-labels") / "imagenet", 240)
+    return convert_to_shards(root, root.parent / "shards", "--shard-samples", "50")
+
+
+@pytest.fixture(scope="session")
+def small_demo_shards(small_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small demo as a shard set: 240 train images in 5 shards of 48, 60 val images in 2 of 30."""
+    return convert_to_shards(small_demo_root, tmp_path_factory.mktemp("shards") / "demo", "--shard-samples", "50")
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
     """Compose conf/train.yaml with overrides, as @hydra.main would, outputs under tmp_path."""

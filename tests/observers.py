@@ -136,6 +136,17 @@ class StepLog(pl.Callback):
             log.write(f"{trainer.global_step + 1} {os.environ.get('SLURM_RESTART_COUNT', '0')}\n")
 
 
+class SampleLog(StepLog):
+    """``StepLog`` with the batch's labels on the step's line: over a dataset of one image per class they name the
+    samples, so a test can count how often each was trained."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"rank{trainer.global_rank}.log", "a") as log:
+            restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+            log.write(f"{trainer.global_step + 1} {restart} {' '.join(map(str, batch[1].tolist()))}\n")
+
+
 class LossScaleAtStart(pl.Callback):
     """Keeps the 16-mixed loss scaler's scale as training starts, after a checkpoint was restored."""
 

@@ -17,7 +17,7 @@ from callbacks.error_analysis import PREDICTIONS, analyse, format_report
 from data.demo import ensure_demo_dataset
 from data.ilsvrc import load_layout, wordnet_names
 from data.spec import ImageSpec
-from tests.conftest import PROJECT_ROOT, SMALL_DEMO, SMALL_RUN, run_train
+from tests.conftest import PROJECT_ROOT, SMALL_DEMO, SMALL_RUN, convert_to_shards, run_train
 from tests.odd_images import write_odd_images
 
 
@@ -149,6 +149,29 @@ def test_two_ranks_give_the_figures_of_one(trained, tmp_path: Path, protocol: li
     assert one["summary"] == pytest.approx(two["summary"])
     assert one["per_class"] == two["per_class"] and one["confused_pairs"] == two["confused_pairs"]
     _assert_same_top5(_predictions(tmp_path / "one"), _predictions(tmp_path / "two"), abs=1e-5)  # every image's
+
+
+def _by_sample(predictions: dict) -> dict:
+    """Predictions keyed by the sample's name alone (a file's stem, a shard key's last part)."""
+    return {path.rsplit(":", 1)[-1].rsplit("/", 1)[-1].rsplit(".", 1)[0]: top for path, top in predictions.items()}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_scores_the_same_on_val_read_from_shards_as_from_folders(trained, tmp_path: Path):
+    """Single crop through both loaders and ten crops (torchvision): the same figures and every image's top-5."""
+    run, cache = trained
+    shards = convert_to_shards(ensure_demo_dataset(cache, **SMALL_DEMO), tmp_path / "shards", "--shard-samples", "25")
+    ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
+    for protocol in (["data/loader=torchvision"], ["data/loader=dali"], ["data.val_crops=10"]):
+        name = protocol[0].rsplit("=", 1)[-1]
+        folders = run_eval(*DATA_ONLY, ckpt, *protocol, cache_dir=cache, run_dir=tmp_path / f"folders-{name}")
+        sharded = run_eval(
+            *DATA_ONLY, ckpt, f"data.root={shards}", *protocol, cache_dir=cache, run_dir=tmp_path / f"shards-{name}"
+        )
+        assert sharded["summary"]["images"] == folders["summary"]["images"] == 60
+        assert sharded["summary"] == pytest.approx(folders["summary"], abs=1e-6), protocol
+        on_folders, on_shards = (_predictions(tmp_path / f"{kind}-{name}") for kind in ("folders", "shards"))
+        _assert_same_top5(_by_sample(on_folders), _by_sample(on_shards), abs=1e-5)
 
 
 def test_error_analysis_figures():
