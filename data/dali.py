@@ -372,7 +372,7 @@ class DaliLoaders:
         val_threads: int = 2,
         gpu_memory_mib: int = 1024,
         pinned_memory_mib: int = 2048,
-        shuffle_buffer: int = 1024,
+        shuffle_buffer: int = 4096,
     ) -> None:
         if device not in DEVICES:
             raise ConfigError("data.loader.device", device, " or ".join(DEVICES))
