@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.ilsvrc import wordnet_names
+from data.ilsvrc import load_layout, wordnet_names
+from data.shard_set import ShardSet
+from data.shards import sample_key
 from models.card import CARD
 from tests.conftest import PROJECT_ROOT, SHARED_DATA, build_module
-from tests.test_shard_reader import ilsvrc_samples, write_shard_set
 
 SAMPLES = SHARED_DATA / "imagenet-samples"
 
@@ -66,16 +67,19 @@ def test_broken_file_is_reported_and_skipped(make_cfg, small_demo_root: Path, tm
 
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"{SAMPLES} is absent")
-def test_predicts_a_shard_sets_val_split_and_a_tar_naming_each_sample(make_cfg, tmp_path: Path, cache_dir: Path):
+def test_predicts_a_shard_sets_val_split_and_a_tar_naming_each_sample(
+    make_cfg, unique_label_shards: Path, tmp_path: Path, cache_dir: Path
+):
     """A shard set's folder stands for its val split, a tar for its samples: each named ``<tar>:<key>``; a sample
-    that cannot be decoded is reported and skipped like a file."""
-    wnids, samples = ilsvrc_samples(40)
-    root = write_shard_set(tmp_path / "set", wnids=wnids, train=samples[30:], val=samples[:30], per_shard=15)
+    that cannot be decoded is reported and skipped like a file. The set: conftest's conversion of 240 real ILSVRC
+    samples (val in 5 shards of 48, sorted by key), its first train shard copied and damaged."""
+    root = unique_label_shards
     loose = tmp_path / "loose"
     loose.mkdir()
     for name in ("train-000000.tar", "train-000000.idx"):
         shutil.copy(root / "train" / name, loose)
-    tar, (_, offset, _, member) = loose / "train-000000.tar", (loose / "train-000000.idx").read_text().split()[2:6]
+    lines = (loose / "train-000000.idx").read_text().splitlines()
+    tar, (_, offset, _, member) = loose / "train-000000.tar", lines[1].split()[:4]
     with open(tar, "r+b") as f:  # the tar's first image made undecodable, in place
         f.seek(int(offset))
         f.write(b"\0" * 256)
@@ -83,9 +87,14 @@ def test_predicts_a_shard_sets_val_split_and_a_tar_naming_each_sample(make_cfg, 
     inputs = f"inputs=[{root},{tar}]"
     result = predict(f"ckpt={ckpt}", inputs, *SMALL_IMAGES, cache_dir=cache_dir, run_dir=tmp_path / "p")
     assert result.returncode == 0, result.stderr[-3000:]
-    named = [line.split(": ", 1)[0] for line in result.stdout.splitlines() if line.startswith(str(tmp_path))]
-    val = [f"{root}/val/val-00000{i // 15}.tar:{key}" for i, (key, _, _) in enumerate(samples[:30])]
-    assert named == val + [f"{tar}:{key}" for key, _, _ in samples[31:40]]
+    prefixes = (f"{root}/", f"{tar}:")  # the set lies outside tmp_path (a session fixture)
+    named = [line.split(": ", 1)[0] for line in result.stdout.splitlines() if line.startswith(prefixes)]
+    source = load_layout(ShardSet.open(root).manifest["source"]["root"]).val.paths
+    val = [
+        f"{root}/val/val-00000{i // 48}.tar:{key}" for i, key in enumerate(sorted(sample_key(p, "val") for p in source))
+    ]
+    train = [f"{tar}:{line.split()[3].rsplit('.', 1)[0]}" for line in lines[2:]]  # the tar's samples after the first
+    assert len(val) == 240 and len(train) == 47 and named == val + train
     output = result.stdout + result.stderr
     assert f"{tar}:{member.rsplit('.', 1)[0]}: skipped, cannot be decoded" in output
-    assert "39 image(s) classified, 1 skipped" in output
+    assert "287 image(s) classified, 1 skipped" in output
