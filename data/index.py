@@ -41,7 +41,6 @@ from tqdm import tqdm
 
 from data.ilsvrc import ILSVRCLayout, Split, load_layout
 from data.spec import ImageSpec
-from data.torchvision_backend import decode
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +88,8 @@ def check_image(path: str, full: bool) -> str:
 def _decoding_failure(path: str, with_dali: bool) -> str | None:
     """Why a loader's decoder cannot decode the file: torchvision's (the torchvision loader, predict.py), and with
     ``with_dali`` DALI's CPU decoder (the DALI loader); None where they all can."""
+    from data.torchvision_backend import decode  # here: most files need no decoder, and CLIs start without torch
+
     try:
         decode(path, ImageSpec())
     except RuntimeError as error:

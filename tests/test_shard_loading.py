@@ -156,3 +156,18 @@ def test_a_sample_with_a_bad_class_stops_the_epoch_naming_shard_and_sample(shard
         for _ in batches:
             pass
     assert "expected 1 digits naming one of 4 classes" in str(caught.value)
+
+
+@pytest.mark.gpu
+def test_gpu_decoding_of_shards_matches_the_cpu_pipeline(small_demo_shards: Path):
+    """The mixed pipeline over shards: the labels parsed on the CPU travel with the images, train and val."""
+    shard_set, spec = ShardSet.open(small_demo_shards), small_spec(32, 36)
+    gpu = Placement(torch.device("cuda", torch.cuda.current_device()), workers=2)
+    for train, split in ((False, shard_set.val), (True, shard_set.train)):
+        on_gpu = loader("dali", split, train=train, batch_size=8, spec=spec, placement=gpu, device="mixed")
+        on_cpu = loader("dali", split, train=train, batch_size=8, spec=spec, placement=Placement(workers=2))
+        for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(on_gpu, on_cpu):
+            assert gpu_images.is_cuda and gpu_labels.device == gpu_images.device
+            assert torch.equal(gpu_labels.cpu(), cpu_labels)  # the same samples in the same order
+            if not train:  # random crops differ between the devices' generators
+                assert (gpu_images.cpu() - cpu_images).abs().mean() < 0.1  # nvJPEG vs libjpeg-turbo IDCT
