@@ -51,7 +51,7 @@ export GPU_CHECK_JPEGS=$jpeg_dir GPU_CHECK_OUT=$out/gpu-tests  # what the GPU te
 steps=(wheels jpegs env pytest data-pipelines resnet50 resnet50-data-hw0.9 resnet18 vgg16 alexnet resnet50-compiled)
 # only the files that hold gpu-marked tests: another file's import error (matplotlib is absent on the lent
 # machine) would stop the run before any GPU test (tests/test_gpu_check.py keeps this list complete)
-gpu_test_files=(tests/test_gpu.py tests/test_dali.py tests/test_train.py tests/test_speed.py tests/test_log_start.py)
+gpu_test_files=(tests/test_gpu.py tests/test_dali.py tests/test_shard_loading.py tests/test_train.py tests/test_speed.py tests/test_log_start.py)
 dmon_steps=" data-pipelines resnet50-data-hw0.9 "  # nvidia-smi dmon runs beside these: is the JPEG engine used?
 declare -A limit=([wheels]=180 [jpegs]=60 [env]=60)
 if [[ $mode == dry-run ]]; then  # every step, at sizes a 2-core CPU runs in a few minutes
