@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 MANIFEST = "manifest.json"
 FORMAT = "imagenet-pipeline-shards"
 VERSION = 1
@@ -116,8 +118,36 @@ class IndexedSample:
         return f"{self.key}.{LABEL_EXTENSION}"
 
 
-def read_index(index_path: str | os.PathLike, tar_size: int | None = None) -> list[IndexedSample]:
-    """The samples a DALI index file lists, checked against the format this project writes (and, given
+@dataclass(frozen=True, eq=False)
+class IndexTable:
+    """The samples of an index file as columns, numpy arrays rather than an ``IndexedSample`` each: a reader of a
+    million samples holds a few arrays, not millions of Python objects that every forked worker would copy as
+    reference counting writes to their pages (data/shard_reader.py)."""
+
+    keys: bytes  # every sample's key, UTF-8, one after another
+    key_starts: np.ndarray  # int64, one more than samples: sample i's key is keys[key_starts[i] : key_starts[i + 1]]
+    image_ext: np.ndarray  # uint8: the image member's extension, an index into IMAGE_EXTENSIONS
+    image_offset: np.ndarray  # int64: the image member's data offset in the tar
+    image_size: np.ndarray  # int64
+    label_offset: np.ndarray  # int64: the class member's
+    label_size: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.image_ext)
+
+    def sample(self, index: int) -> IndexedSample:
+        """Sample ``index`` (negative counts from the end) as ``read_index`` lists it."""
+        i = range(len(self))[index]
+        return IndexedSample(
+            self.keys[self.key_starts[i] : self.key_starts[i + 1]].decode("utf-8"),
+            IMAGE_EXTENSIONS[self.image_ext[i]],
+            Member(int(self.image_offset[i]), int(self.image_size[i])),
+            Member(int(self.label_offset[i]), int(self.label_size[i])),
+        )
+
+
+def read_index_table(index_path: str | os.PathLike, tar_size: int | None = None) -> IndexTable:
+    """The samples a DALI index file lists, as columns, checked against the format this project writes (and, given
     ``tar_size``, against the tar's size): a mismatch is a ``ShardSetError`` naming the index, line and sample."""
     index_path = Path(index_path)
     try:
@@ -129,32 +159,56 @@ def read_index(index_path: str | os.PathLike, tar_size: int | None = None) -> li
         raise ShardSetError(f"{index_path}:1: expected the header '{INDEX_VERSION} <samples>', got {lines[:1]}")
     if int(header[1]) != len(lines) - 1:
         raise ShardSetError(f"{index_path}: its header counts {header[1]} samples, it lists {len(lines) - 1}")
-    samples = []
+    keys, ext_codes, numbers = [], [], []  # numbers: image offset and size, label offset and size, per sample
     for line_no, line in enumerate(lines[1:], start=2):
         fields = line.split()
-        members: dict[str, tuple[Member, str]] = {}
+        members: dict[str, tuple[int, int, str]] = {}  # extension: offset, size, name
         try:
             for i in range(0, len(fields), 4):
                 ext, offset, size, name = fields[i : i + 4]
-                members[ext] = (Member(int(offset), int(size)), name)
+                members[ext] = (int(offset), int(size), name)
         except ValueError:
             raise ShardSetError(f"{index_path}:{line_no}: malformed index line {line!r}") from None
         image_exts = [ext for ext in members if ext in IMAGE_EXTENSIONS]
-        key = next(iter(members.values()))[1].rsplit(".", 1)[0] if members else "?"
+        key = next(iter(members.values()))[2].rsplit(".", 1)[0] if members else "?"
         if len(image_exts) != 1 or LABEL_EXTENSION not in members:
             raise ShardSetError(
                 f"{index_path}:{line_no}: sample {key!r} has members {sorted(members)}: expected one image "
                 f"({' or '.join(IMAGE_EXTENSIONS)}) and its class ({LABEL_EXTENSION})"
             )
-        for member, name in members.values():
-            if tar_size is not None and (member.offset < 0 or member.offset + member.size > tar_size):
+        for offset, size, name in members.values():
+            if tar_size is not None and (offset < 0 or offset + size > tar_size):
                 raise ShardSetError(
-                    f"{index_path}:{line_no}: {name} lies at bytes {member.offset}..{member.offset + member.size}, "
+                    f"{index_path}:{line_no}: {name} lies at bytes {offset}..{offset + size}, "
                     f"past the end of its tar ({tar_size} bytes): the index does not match its shard"
                 )
         ext = image_exts[0]
-        samples.append(IndexedSample(key, ext, members[ext][0], members[LABEL_EXTENSION][0]))
-    return samples
+        keys.append(key.encode("utf-8"))
+        ext_codes.append(IMAGE_EXTENSIONS.index(ext))
+        numbers += (*members[ext][:2], *members[LABEL_EXTENSION][:2])
+    try:
+        columns = np.array(numbers, dtype=np.int64).reshape(-1, 4).T.copy()
+    except OverflowError:
+        raise ShardSetError(f"{index_path}: an offset or size beyond 64 bits: not an index of this project") from None
+    key_starts = np.zeros(len(keys) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, keys), dtype=np.int64, count=len(keys)), out=key_starts[1:])
+    return IndexTable(b"".join(keys), key_starts, np.array(ext_codes, dtype=np.uint8), *columns)
+
+
+def read_index(index_path: str | os.PathLike, tar_size: int | None = None) -> list[IndexedSample]:
+    """The samples a DALI index file lists, checked as ``read_index_table`` checks them."""
+    table = read_index_table(index_path, tar_size)
+    starts = table.key_starts.tolist()
+    return [
+        IndexedSample(table.keys[start:end].decode("utf-8"), IMAGE_EXTENSIONS[ext], Member(*image), Member(*label))
+        for start, end, ext, image, label in zip(
+            starts[:-1],
+            starts[1:],
+            table.image_ext.tolist(),
+            zip(table.image_offset.tolist(), table.image_size.tolist()),
+            zip(table.label_offset.tolist(), table.label_size.tolist()),
+        )
+    ]
 
 
 @dataclass(frozen=True)
