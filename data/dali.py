@@ -240,14 +240,19 @@ def pin_threads(cpus: Sequence[int] | None, num_threads: int) -> None:
         os.environ["DALI_AFFINITY_MASK"] = affinity_mask(list(cpus), max(num_threads, 256))
 
 
-def _iterator(pipeline, last_batch_policy: LastBatchPolicy) -> DALIGenericIterator:
-    return DALIGenericIterator(
-        pipeline,
-        ["images", "labels"],
-        reader_name=READER,
-        last_batch_policy=last_batch_policy,
-        prepare_first_batch=False,
-    )
+def _iterator(pipeline, last_batch_policy: LastBatchPolicy, advice: str) -> DALIGenericIterator:
+    """The pipeline built and wrapped; a build that fails (DALI's reader checks its files and index files here) says
+    what to do about it."""
+    try:
+        return DALIGenericIterator(
+            pipeline,
+            ["images", "labels"],
+            reader_name=READER,
+            last_batch_policy=last_batch_policy,
+            prepare_first_batch=False,
+        )
+    except RuntimeError as error:
+        raise RuntimeError(f"{error}\n{advice}") from error
 
 
 class DaliLoader:
@@ -262,7 +267,7 @@ class DaliLoader:
         self, pipeline, batches_per_epoch: int | None, last_batch_policy: LastBatchPolicy, advice: str
     ) -> None:
         self.last_batch_policy, self.advice = last_batch_policy, advice
-        self.iterator = _iterator(pipeline, last_batch_policy)
+        self.iterator = _iterator(pipeline, last_batch_policy, advice)
         self.batches_per_epoch = len(self.iterator) if batches_per_epoch is None else batches_per_epoch
         self.in_epoch = False
         self.replay = 0  # batches of this epoch to read again without yielding (a resumed epoch)
@@ -336,7 +341,7 @@ class ResumableDaliLoader(DaliLoader):
                 f"the checkpoint holds the DALI reader state of {len(checkpoints)} ranks, this run has "
                 f"{self.world_size}: resume mid-epoch with the same number of devices and nodes"
             )
-        self.iterator = _iterator(self.build_pipeline(checkpoints[self.rank]), self.last_batch_policy)
+        self.iterator = _iterator(self.build_pipeline(checkpoints[self.rank]), self.last_batch_policy, self.advice)
         self.in_epoch, self.replay = False, self.trained_batches()
 
 

@@ -260,12 +260,9 @@ class Shard:
             os.close(fd)
 
     def verify(self, root: Path, label_digits: int, num_classes: int) -> None:
-        """The checksums the manifest records; an index whose every member is where the tar has it; a class for
-        every sample."""
+        """An index whose every member is where the tar has it and a class for every sample (faults named by sample
+        first), then the checksums the manifest records (any other change to the bytes)."""
         self.check_sizes(root)
-        for relative, digest in ((self.tar, self.sha256), (self.index, self.index_sha256)):
-            if file_sha256(root / relative) != digest:
-                raise ShardSetError(f"{root / relative}: its SHA-256 differs from {root / MANIFEST}'s")
         samples = read_index(root / self.index, tar_size=self.bytes)
         if len(samples) != self.samples:
             raise ShardSetError(f"{root / self.index}: lists {len(samples)} samples, the manifest {self.samples}")
@@ -278,6 +275,9 @@ class Shard:
                 parse_label(label, label_digits, num_classes, where, sample.key)
         finally:
             os.close(fd)
+        for relative, digest in ((self.tar, self.sha256), (self.index, self.index_sha256)):
+            if file_sha256(root / relative) != digest:
+                raise ShardSetError(f"{root / relative}: its SHA-256 differs from {root / MANIFEST}'s")
 
 
 @dataclass(frozen=True)

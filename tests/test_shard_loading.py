@@ -4,7 +4,10 @@ over the ranks, exact mid-epoch resume, and bad shards named at start or at the 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from data.placement import BatchRequest, Placement, Shard
 from data.shard_set import MANIFEST, ShardSet, ShardSetError
 from data.spec import ImageSpec
 
+from .conftest import PROJECT_ROOT
 from .loaders import NODES, loader, small_spec
 
 
@@ -171,3 +175,28 @@ def test_gpu_decoding_of_shards_matches_the_cpu_pipeline(small_demo_shards: Path
             assert torch.equal(gpu_labels.cpu(), cpu_labels)  # the same samples in the same order
             if not train:  # random crops differ between the devices' generators
                 assert (gpu_images.cpu() - cpu_images).abs().mean() < 0.1  # nvJPEG vs libjpeg-turbo IDCT
+
+
+@pytest.mark.parametrize("kind", NODES)
+def test_a_sample_without_a_class_is_named_by_its_index_line(shard_copy: Path, kind: str):
+    """An index line that lists a sample's image but no class (a shard written by another tool, or edited)."""
+    index = shard_copy / "train" / "train-000002.idx"
+    lines = index.read_text().splitlines()
+    lines[5] = " ".join(lines[5].split()[:4])  # the image member alone
+    index.write_text("\n".join(lines) + "\n")
+    record = json.loads((shard_copy / MANIFEST).read_text())
+    record["splits"]["train"]["shards"][2]["index_bytes"] = index.stat().st_size
+    (shard_copy / MANIFEST).write_text(json.dumps(record))
+    key = lines[5].split()[3].rsplit(".", 1)[0]
+    split = ShardSet.open(shard_copy).train  # the start check reads the last line only
+    with pytest.raises(Exception) as caught:
+        for _ in loader(kind, split, train=True, batch_size=20, spec=small_spec(32)):
+            pass
+    if kind == "torchvision":  # the project's index reader names the line and the sample
+        assert re.search(rf"train-000002\.idx:6: sample '{key}' has members \['jpg'\]", str(caught.value))
+    else:  # DALI's names the index file, and the advice the check that names the sample
+        assert re.search(r"Underful sample detected at index file at .*train-000002\.idx", str(caught.value))
+        assert f"python -m data.shards --verify {shard_copy}" in str(caught.value)
+        verify = [sys.executable, "-m", "data.shards", "--verify", str(shard_copy)]
+        result = subprocess.run(verify, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and f"train-000002.idx:6: sample '{key}' has members ['jpg']" in result.stderr
