@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import jpeg_set
+from benchmarks import jpeg_set, shard_io
 from benchmarks.resize_parity import GPU_PIPELINE
 from data.ilsvrc import load_layout
 from models.card import CARD
@@ -78,6 +80,33 @@ def test_jpeg_set_links_real_samples_into_the_ilsvrc_layout(tmp_path: Path):
     assert {Path(path).resolve() for path in layout.train.paths} == originals  # links to them, not copies
     with pytest.raises(ValueError, match="tench.JPEG: the name does not start with an ILSVRC wnid"):
         jpeg_set.link_layout([tmp_path / "tench.JPEG"], tmp_path / "bad", copies=1)
+
+
+def test_shard_io_counts_every_open_and_evicts_mapped_pages(tmp_path: Path):
+    """benchmarks/shard_io.py's machinery: inotify counts each open of a dataset file, by kind and by any process,
+    and no stat or listing; its eviction empties the page cache of the files, a page mapped in this process too."""
+    folder = tmp_path / "data" / "n01440764"
+    folder.mkdir(parents=True)
+    files = [folder / f"n01440764_{i}.JPEG" for i in range(5)] + [folder / "train-0.tar", folder / "train-0.idx"]
+    for file in files:
+        file.write_bytes(os.urandom(3 * mmap.PAGESIZE))
+    with shard_io.OpenCounter([tmp_path / "data"]) as counter:
+        start = counter.snapshot()
+        for file in files:
+            file.read_bytes()
+        subprocess.run([sys.executable, "-c", f"open({str(files[0])!r}, 'rb').read()"], check=True)
+        os.stat(files[1])
+        os.listdir(folder)
+        counted = counter.settled() - start
+    assert counted.pop("directories") >= 1  # the listing (a process may open a folder for its own reasons)
+    assert counted == Counter(images=6, shards=1, index=1) and shard_io.files_opened(counted) == 8
+    with open(files[-2], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert sum(mapped[:: mmap.PAGESIZE]) >= 0  # every page read through the mapping, which stays
+        share, opened = shard_io.resident_share(files)
+        assert share == 1 and opened == Counter(images=5, shards=1, index=1)
+        assert shard_io.evict(files) == opened
+        if shard_io.disk(tmp_path)["filesystem"] != "tmpfs":  # tmpfs pages have no disk to be read back from
+            assert shard_io.resident_share(files)[0] == 0
 
 
 @pytest.mark.slow
