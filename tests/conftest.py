@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -15,7 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from data.demo import ensure_demo_dataset
+from data.demo import SHAPES, ensure_demo_dataset, render
+from data.ilsvrc import wordnet_names
 from data.spec import ImageSpec
 from models.card import ModelCard, architecture_of
 
@@ -84,10 +86,21 @@ def one_image_per_class(folder: Path, classes: int) -> Path:
     return folder
 
 
+def one_demo_image_per_class(folder: Path, classes: int) -> Path:
+    """An ILSVRC layout of ``classes`` of its wnids, one demo image (data/demo.py's shapes and textures in random
+    colours, a JPEG) per class in train/ and another in val/: a label then names its sample."""
+    rng = np.random.default_rng(0)
+    for label, wnid in enumerate(sorted(wordnet_names())[:classes]):
+        for split, name in (("train", f"{wnid}_0"), ("val", f"{wnid}_val")):
+            (folder / split / wnid).mkdir(parents=True, exist_ok=True)
+            render(label % len(SHAPES), rng, short_side=48).save(folder / split / wnid / f"{name}.JPEG", quality=90)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def unique_label_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """240 real ILSVRC samples of 240 classes as a shard set: train in 5 shards of 48, val in 5 of 48."""
-    root = one_image_per_class(tmp_path_factory.mktemp("unique-labels") / "imagenet", 240)
+    """240 classes of one image each as a shard set: train in 5 shards of 48, val in 5 of 48."""
+    root = one_demo_image_per_class(tmp_path_factory.mktemp("unique-labels") / "imagenet", 240)
     return convert_to_shards(root, root.parent / "shards", "--shard-samples", "50")
 
 

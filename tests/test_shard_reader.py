@@ -1,5 +1,5 @@
-"""The torchvision loader over a shard set (data/shard_reader.py), on real ILSVRC samples converted by
-``python -m data.shards``: the images, labels and batches of the same files read from folders, each tar opened once
+"""The torchvision loader over a shard set (data/shard_reader.py), on the real ILSVRC samples (val) and a demo image
+per class (train) converted by ``python -m data.shards``: the images, labels and batches of the same files read from folders, each tar opened once
 per worker, and damaged shards (copies of a converted set) named with the sample at fault."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def every_sample(tmp_path_factory: pytest.TempPathFactory) -> ShardSet:
 
 @pytest.fixture(scope="module")
 def unique_labels(unique_label_shards: Path) -> ShardSet:
-    """240 real samples of 240 classes (conftest's converted set, shared): train in a seeded permutation over 5
+    """240 demo images of 240 classes (conftest's converted set, shared): train in a seeded permutation over 5
     shards of 48, val in 5 shards of 48. Read only: a test that damages it works on a copy."""
     return ShardSet.open(unique_label_shards)
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.slurm_jobs import STEPS_PER_EPOCH, job_field, steps_of, template_job, wait_for_job, wait_for_lines
 
-TRAIN_IMAGES = 240  # unique_label_shards: one real ILSVRC sample per class, in 5 shards; 2 ranks x 6 x 20 an epoch
+TRAIN_IMAGES = 240  # unique_label_shards: one image per class, in 5 shards; 2 ranks x 6 steps x 20 an epoch
 
 
 def _trained(log: Path) -> list[tuple[int, int, list[int]]]:
