@@ -89,8 +89,10 @@ def _check(result: int, call: str) -> int:
 
 class OpenCounter:
     """Opens of files in the folders under ``roots``, by kind, from inotify's IN_OPEN events: every process's
-    (no privileges, no tracing), exactly, as long as the kernel's event queue does not overflow, which a thread
-    draining it prevents (an overflow is an error, not a lower count). Opening a folder counts as ``directories``."""
+    (no privileges, no tracing). A thread drains the kernel's queue so that it does not overflow (an overflow is an
+    error, not a lower count). The kernel merges an event with the one before it when both are the same file's and
+    the first is still unread: two threads opening one file at the same moment count once, a lower bound there;
+    a file opened once per epoch is counted exactly. Opening a folder counts as ``directories``."""
 
     def __init__(self, roots: Iterable[str | os.PathLike]) -> None:
         self.fd = _check(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), "inotify_init1")
