@@ -1,6 +1,7 @@
 """The torchvision loader over a shard set (data/shard_reader.py), on the real ILSVRC samples (val) and a demo image
-per class (train) converted by ``python -m data.shards``: the images, labels and batches of the same files read from folders, each tar opened once
-per worker, and damaged shards (copies of a converted set) named with the sample at fault."""
+per class (train) converted by ``python -m data.shards``: the images, labels and batches of the same files read from
+folders, each tar opened once per worker, and damaged shards (copies of a converted set) named with the sample at
+fault."""
 
 from __future__ import annotations
 
