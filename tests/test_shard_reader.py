@@ -24,11 +24,8 @@ from data.shard_reader import ShardImages, ShardReader, descriptor_budget
 from data.shard_set import MANIFEST, ShardSet, ShardSetError
 from data.shards import sample_key
 from data.torchvision_backend import val_transform
-from tests.conftest import SHARED_DATA, convert_to_shards, one_image_per_class
+from tests.conftest import convert_to_shards, one_image_per_class
 from tests.loaders import loader, small_spec
-
-SAMPLES = SHARED_DATA / "imagenet-samples"
-pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"{SAMPLES} is absent")
 
 
 def source_files(shard_set: ShardSet, name: str) -> Split:

@@ -4,6 +4,7 @@ files DALI reads; reruns that write nothing, resumes that write only what is mis
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.ilsvrc import VAL_SOLUTION, load_layout
+from data.demo import SHAPES, render
+from data.ilsvrc import VAL_SOLUTION, load_layout, wordnet_names
 from data.shard_set import ShardSet, ShardSplit, read_member
 from data.shards import main, sample_key
 
@@ -29,37 +31,48 @@ SHARD_SAMPLES = 5
 
 @dataclass(frozen=True)
 class Source:
-    """A small ILSVRC layout of real ImageNet JPEGs, and what its conversion must hold."""
+    """A small ILSVRC layout of JPEGs (real ILSVRC ones where ../shared is present), and what its conversion must
+    hold."""
 
     root: Path
     expected: dict[str, dict[str, tuple[bytes, int]]]  # split -> key -> (image bytes, class)
     broken: dict[str, bytes]  # path relative to root -> bytes
 
 
+def _jpegs(count: int) -> list[bytes]:
+    """``count`` real ILSVRC JPEGs from ../shared, or where it is absent (CI) as many demo JPEGs of ILSVRC's sizes."""
+    if SAMPLES.is_dir():
+        return [path.read_bytes() for path in sorted(SAMPLES.glob("*.JPEG"))[::40][:count]]
+    rng, encoded = np.random.default_rng(0), []
+    for i in range(count):
+        buffer = io.BytesIO()
+        render(i % len(SHAPES), rng, short_side=375).save(buffer, format="JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
 def _write_layout(root: Path) -> Source:
     """4 classes: 16 train JPEGs (one named with a space and dots), a PNG named .JPEG and a truncated JPEG; a flat
     val/ of 7 JPEGs and an empty file, labelled by LOC_val_solution.csv."""
-    if not SAMPLES.is_dir():
-        pytest.skip(f"{SAMPLES} is absent (real ILSVRC JPEGs)")
-    files = sorted(SAMPLES.glob("*.JPEG"))[::40][:25]
-    wnids = sorted(f.name.split("_")[0] for f in files[:4])
+    images = _jpegs(25)
+    wnids = sorted(wordnet_names())[::250]
     expected: dict[str, dict[str, tuple[bytes, int]]] = {"train": {}, "val": {}}
-    for i, source in enumerate(files[:16]):
+    for i, data in enumerate(images[:16]):
         wnid = wnids[i % 4]
         name = f"{wnid}_{i} copy.v2.JPEG" if i == 5 else f"{wnid}_{i}.JPEG"
         (root / "train" / wnid).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, root / "train" / wnid / name)
-        expected["train"][sample_key(f"train/{wnid}/{name}", "train")] = (source.read_bytes(), i % 4)
+        (root / "train" / wnid / name).write_bytes(data)
+        expected["train"][sample_key(f"train/{wnid}/{name}", "train")] = (data, i % 4)
     png = root / "train" / wnids[1] / f"{wnids[1]}_png.JPEG"
-    with Image.open(files[16]) as image:
+    with Image.open(io.BytesIO(images[16])) as image:
         image.resize((64, 48)).save(png, format="PNG")
     expected["train"][f"{wnids[1]}/{wnids[1]}_png"] = (png.read_bytes(), 1)
-    broken = {f"train/{wnids[0]}/{wnids[0]}_broken.JPEG": files[17].read_bytes()[:2000]}
+    broken = {f"train/{wnids[0]}/{wnids[0]}_broken.JPEG": images[17][:2000]}
     (root / "val").mkdir()
     rows = ["ImageId,PredictionString"]
-    for k, source in enumerate(files[18:25], start=1):
-        shutil.copyfile(source, root / "val" / f"ILSVRC2012_val_{k:08d}.JPEG")
-        expected["val"][f"ILSVRC2012_val_{k:08d}"] = (source.read_bytes(), k % 4)
+    for k, data in enumerate(images[18:25], start=1):
+        (root / "val" / f"ILSVRC2012_val_{k:08d}.JPEG").write_bytes(data)
+        expected["val"][f"ILSVRC2012_val_{k:08d}"] = (data, k % 4)
         rows.append(f"ILSVRC2012_val_{k:08d},{wnids[k % 4]} 1 2 3 4")
     broken["val/ILSVRC2012_val_00000008.JPEG"] = b""
     rows.append(f"ILSVRC2012_val_00000008,{wnids[0]} 1 2 3 4")
