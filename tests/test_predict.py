@@ -66,13 +66,12 @@ def test_broken_file_is_reported_and_skipped(make_cfg, small_demo_root: Path, tm
     assert "3 image(s) classified, 1 skipped" in output
 
 
-@pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"{SAMPLES} is absent")
 def test_predicts_a_shard_sets_val_split_and_a_tar_naming_each_sample(
     make_cfg, unique_label_shards: Path, tmp_path: Path, cache_dir: Path
 ):
     """A shard set's folder stands for its val split, a tar for its samples: each named ``<tar>:<key>``; a sample
-    that cannot be decoded is reported and skipped like a file. The set: conftest's conversion of 240 real ILSVRC
-    samples (val in 5 shards of 48, sorted by key), its first train shard copied and damaged."""
+    that cannot be decoded is reported and skipped like a file. The set: conftest's conversion of 240 classes of one
+    demo image each (val in 5 shards of 48, sorted by key), its first train shard copied and damaged."""
     root = unique_label_shards
     loose = tmp_path / "loose"
     loose.mkdir()
