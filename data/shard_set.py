@@ -11,8 +11,9 @@ to ``label_digits`` (webdataset's ``cls`` convention, read by ``int()``; fixed w
 it with arithmetic). The ``.idx`` file is DALI's index (``wds2idx`` v1.2): one line per sample, each member's
 extension, data offset, size and name, so that no reader scans a tar to find its samples.
 
-Opening a set checks what is cheap (the manifest, each shard's and index's size: one ``stat`` each); the checksums
-are checked by ``python -m data.shards --verify ROOT``.
+Opening a set checks what is cheap (the manifest; each shard's and index's size, one ``stat`` each; each index's
+sample count and its last sample's tar header, a few small reads); every sample and the checksums are checked by
+``python -m data.shards --verify ROOT``.
 """
 
 from __future__ import annotations
