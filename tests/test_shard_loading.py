@@ -200,3 +200,17 @@ def test_a_sample_without_a_class_is_named_by_its_index_line(shard_copy: Path, k
         verify = [sys.executable, "-m", "data.shards", "--verify", str(shard_copy)]
         result = subprocess.run(verify, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 1 and f"train-000002.idx:6: sample '{key}' has members ['jpg']" in result.stderr
+
+
+def test_val_over_two_ranks_counts_each_sample_once_in_the_order_eval_expects(unique_label_shards: Path):
+    """Each rank reads its contiguous part of the val shards (what ``val_order`` tells eval's report), the last batch
+    partial: every sample once over the ranks."""
+    split = ShardSet.open(unique_label_shards).val
+    node = DaliLoaders(device="cpu")
+    seen = []
+    for rank in (0, 1):
+        request = BatchRequest(split, small_spec(32), 16, Shard(rank, 2), Placement(workers=1))
+        labels = [label for _, batch in node.val(request) for label in batch.tolist()]
+        assert labels == list(DaliLoaders.val_order(len(split), Shard(rank, 2)))  # val sorted by key: label = index
+        seen += labels
+    assert sorted(seen) == list(range(240))
