@@ -50,7 +50,7 @@ from nvidia.dali import pipeline_def
 
 from benchmarks.suite import machine
 from data.dali import DaliLoaders
-from data.dali import _read as dali_train_reader  # the train loader's own reader, nothing after it
+from data.dali import reader as dali_train_reader  # the train loader's own reader, nothing after it
 from data.ilsvrc import Split, load_layout
 from data.placement import BatchRequest, Placement, Shard
 from data.shard_set import ShardSet, ShardSplit, is_shard_set, read_member

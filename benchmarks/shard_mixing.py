@@ -11,7 +11,7 @@ index lists them) is written as files, then twice as a shard set by the converte
 Every sample is a tiny file whose bytes are a JPEG's two magic bytes and the sample's number: nothing is decoded,
 the number identifies the sample in the reader's output.
 
-The orders are those of the real DALI readers, built by ``data.dali._read`` as the train loader builds them (CPU
+The orders are those of the real DALI readers, built by ``data.dali.reader`` as the train loader builds them (CPU
 pipeline, ``shuffle_after_epoch`` with one reader seed, rank ``r`` of ``W``): ``readers.file`` over the same samples
 as files (a full permutation each epoch: the image-folder baseline), and ``readers.webdataset`` over each shard set
 (a permutation of whole shards each epoch, each shard read in order) with each shuffle buffer. Each epoch counts the
@@ -46,7 +46,8 @@ import numpy as np
 import nvidia.dali
 from nvidia.dali import pipeline_def
 
-from data.dali import DaliLoaders, _read
+from data.dali import DaliLoaders
+from data.dali import reader as train_reader
 from data.ilsvrc import ILSVRCLayout, Split
 from data.placement import Shard
 from data.shard_set import FORMAT, MANIFEST, VERSION, ShardSet, ShardSplit
@@ -54,7 +55,7 @@ from data.shards import make_plan, seal_shard, shard_name, write_shard
 
 JPEG_MAGIC = b"\xff\xd8"
 ID_BYTES = 4  # the sample's number after the magic, little-endian
-PIPELINE_SEED = 12345  # DALI's own seed; the reader's order comes from the reader seed (data.dali._read)
+PIPELINE_SEED = 12345  # DALI's own seed; the reader's order comes from the reader seed (data.dali.reader)
 
 
 def synthetic_labels(classes: int, per_class: int) -> np.ndarray:
@@ -137,8 +138,8 @@ def write_shard_set(out: Path, folder: Path, plan: dict) -> ShardSet:
 
 @pipeline_def(enable_conditionals=False)
 def reader_pipeline(split: Split | ShardSplit, shard: Shard, reader_seed: int, shuffle_buffer: int):
-    """The train loader's reader (``data.dali._read``) alone: the sample bytes and the parsed labels."""
-    samples, labels = _read(split, shard, True, reader_seed, shuffle_buffer)
+    """The train loader's reader (``data.dali.reader``) alone: the sample bytes and the parsed labels."""
+    samples, labels = train_reader(split, shard, training=True, reader_seed=reader_seed, shuffle_buffer=shuffle_buffer)
     return samples, labels
 
 

@@ -160,7 +160,7 @@ class ShardLabels:
         raise AssertionError("a batch failed the label check but none of its samples did")
 
 
-def _read(split: Split | ShardSplit, shard: Shard, training: bool, reader_seed: int, shuffle_buffer: int):
+def reader(split: Split | ShardSplit, shard: Shard, *, training: bool, reader_seed: int, shuffle_buffer: int):
     """The encoded images and their int64 labels, this rank's part of ``split``: a permutation of all samples
     (files) or of the shards (tar shards) every epoch in training; one contiguous part of the split in validation."""
     order = (
@@ -198,7 +198,7 @@ def ilsvrc_pipeline(
     cpus: Sequence[int] | None = None,
 ):
     """Train: random-resized crop decoded straight from the JPEG, resize, flip. Val: shorter side, centre crop."""
-    jpegs, labels = _read(split, shard, training, reader_seed, shuffle_buffer)
+    jpegs, labels = reader(split, shard, training=training, reader_seed=reader_seed, shuffle_buffer=shuffle_buffer)
     decoding = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=spec.orientation == "exif")
     if decoder_device == "mixed":  # the hardware decoder's share set explicitly: its default moved across versions
         decoding |= dict(hw_decoder_load=hw_decoder_load, **decoder_memory.arguments())
