@@ -260,22 +260,28 @@ class Shard:
         finally:
             os.close(fd)
 
-    def verify(self, root: Path, label_digits: int, num_classes: int) -> None:
-        """An index whose every member is where the tar has it and a class for every sample (faults named by sample
-        first), then the checksums the manifest records (any other change to the bytes)."""
-        self.check_sizes(root)
-        samples = read_index(root / self.index, tar_size=self.bytes)
-        if len(samples) != self.samples:
-            raise ShardSetError(f"{root / self.index}: lists {len(samples)} samples, the manifest {self.samples}")
+    def labelled_keys(self, root: Path, label_digits: int, num_classes: int) -> list[tuple[str, int]]:
+        """(key, class) of every sample, in order, after checking that each member lies where its index says and
+        that each class is the set's digits naming a class: faults named by their sample."""
         where = str(root / self.tar)
         fd = os.open(where, os.O_RDONLY)
         try:
-            for sample in samples:
+            labelled = []
+            for sample in read_index(root / self.index, tar_size=self.bytes):
                 read_member(fd, where, sample.image_name, sample.image)
                 label = read_member(fd, where, sample.label_name, sample.label)
-                parse_label(label, label_digits, num_classes, where, sample.key)
+                labelled.append((sample.key, parse_label(label, label_digits, num_classes, where, sample.key)))
         finally:
             os.close(fd)
+        return labelled
+
+    def verify(self, root: Path, label_digits: int, num_classes: int) -> None:
+        """Every sample checked (``labelled_keys``: faults named by sample first), then the checksums the manifest
+        records (any other change to the bytes)."""
+        self.check_sizes(root)
+        samples = len(self.labelled_keys(root, label_digits, num_classes))
+        if samples != self.samples:
+            raise ShardSetError(f"{root / self.index}: lists {samples} samples, the manifest {self.samples}")
         for relative, digest in ((self.tar, self.sha256), (self.index, self.index_sha256)):
             if file_sha256(root / relative) != digest:
                 raise ShardSetError(f"{root / relative}: its SHA-256 differs from {root / MANIFEST}'s")

@@ -57,9 +57,6 @@ from data.shard_set import (
     ShardSetError,
     file_sha256,
     label_text,
-    parse_label,
-    read_index,
-    read_member,
 )
 
 log = logging.getLogger(__name__)
@@ -311,9 +308,9 @@ def write_shard(root: str, folder: Path, name: str, entries: list[list], label_d
 
 
 def seal_shard(out: Path, split: str, name: str, entries: list[list], label_digits: int, num_classes: int) -> dict:
-    """A finished shard's manifest record (sizes, SHA-256 of tar and index), after ``Shard.verify``'s checks without
-    hashing twice (every member where its index places it, a class for every sample) and a comparison with the plan
-    (its keys and labels, in order)."""
+    """A finished shard's manifest record (sizes, SHA-256 of tar and index), after ``Shard.labelled_keys``'s checks
+    (every member where its index places it, a class for every sample) and a comparison with the plan (its keys and
+    labels, in order)."""
     tar, index = f"{split}/{name}.tar", f"{split}/{name}.idx"
     record = Shard(
         tar=tar,
@@ -325,17 +322,9 @@ def seal_shard(out: Path, split: str, name: str, entries: list[list], label_digi
         index_sha256=file_sha256(out / index),
     )
     where = str(out / tar)
-    planned = [[key, label] for _, label, key, _ in entries]
+    planned = [(key, label) for _, label, key, _ in entries]
     try:
-        found = []
-        fd = os.open(where, os.O_RDONLY)
-        try:
-            for sample in read_index(out / index, tar_size=record.bytes):
-                read_member(fd, where, sample.image_name, sample.image)
-                label = read_member(fd, where, sample.label_name, sample.label)
-                found.append([sample.key, parse_label(label, label_digits, num_classes, where, sample.key)])
-        finally:
-            os.close(fd)
+        found = record.labelled_keys(out, label_digits, num_classes)
         if found != planned:
             wrong = next(i for i, pair in enumerate(zip(found + [None], planned + [None])) if pair[0] != pair[1])
             raise ShardSetError(
