@@ -15,6 +15,7 @@ from typing import Any
 PIXEL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # ImageNet's RGB statistics, on the 0..255 scale
 PIXEL_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 ORIENTATIONS = ("stored", "exif")
+AUTO_AUGMENTS = ("rand_augment", "trivial_augment_wide")  # torchvision's RandAugment, TrivialAugmentWide; DALI's auto_aug
 
 
 class ConfigError(ValueError):
@@ -41,9 +42,13 @@ def _numbers(value: Any, count: int) -> tuple[float, ...] | None:
 @dataclass(frozen=True)
 class ImageSpec:
     """Train: a random crop of ``train_crop_scale`` of the image's area and ``train_aspect_ratio`` (width over
-    height), resized to ``image_size`` square, mirrored with probability 0.5 when ``flip``. Val: the shorter side
-    resized to ``val_resize_size`` (antialiased bilinear), then the centre ``image_size`` square; ten-crop takes the
-    four corners, the centre and their mirrors.
+    height), resized to ``image_size`` square (or the epoch's size of a resolution schedule: data/resolution.py),
+    mirrored with probability 0.5 when ``flip``; then ``auto_augment`` (``rand_augment`` with ``rand_augment_ops``
+    operations of magnitude ``rand_augment_magnitude`` out of 31 bins, or ``trivial_augment_wide``), and a random
+    rectangle erased to the mean colour with probability ``random_erasing`` (torchvision's scale 0.02-0.33 of the
+    area, aspect 0.3-3.3). Val: the shorter side resized to ``val_resize_size`` (antialiased bilinear), then the
+    centre ``val_image_size`` square (null: ``image_size``), whatever size training used; ten-crop takes the four
+    corners, the centre and their mirrors.
 
     Pixels are 8-bit RGB whatever the file holds: grayscale is repeated into three channels, CMYK and YCCK JPEGs are
     converted, palettes expanded, 16-bit PNGs scaled to 8 bits, and alpha is dropped (the stored colour values,
@@ -54,9 +59,14 @@ class ImageSpec:
 
     image_size: int = 224
     val_resize_size: int = 256
+    val_image_size: int | None = None
     train_crop_scale: tuple[float, float] = (0.08, 1.0)
     train_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
+    auto_augment: str | None = None
+    rand_augment_ops: int = 2
+    rand_augment_magnitude: int = 9
+    random_erasing: float = 0.0
     orientation: str = "stored"
     mean: tuple[float, float, float] = PIXEL_MEAN
     std: tuple[float, float, float] = PIXEL_STD
@@ -68,9 +78,14 @@ class ImageSpec:
                 raise ConfigError(f"data.spec.{name}", list(value) if isinstance(value, tuple) else value, allowed)
 
         require(_whole(self.image_size, 1), "image_size", "a whole number of pixels >= 1")
-        size = self.image_size
+        if self.val_image_size is None:
+            object.__setattr__(self, "val_image_size", self.image_size)
+        require(_whole(self.val_image_size, 1), "val_image_size", "a whole number of pixels >= 1, or null: image_size")
+        size = self.val_image_size
         require(
-            _whole(self.val_resize_size, size), "val_resize_size", f"a whole number >= data.spec.image_size ({size})"
+            _whole(self.val_resize_size, size),
+            "val_resize_size",
+            f"a whole number >= data.spec.val_image_size ({size})",
         )
         scale, ratio = _numbers(self.train_crop_scale, 2), _numbers(self.train_aspect_ratio, 2)
         require(
@@ -78,6 +93,19 @@ class ImageSpec:
         )
         require(ratio is not None and 0 < ratio[0] <= ratio[1], "train_aspect_ratio", "[low, high], 0 < low <= high")
         require(isinstance(self.flip, bool), "flip", "true or false")
+        require(self.auto_augment in (None, *AUTO_AUGMENTS), "auto_augment", f"null or {' or '.join(AUTO_AUGMENTS)}")
+        require(_whole(self.rand_augment_ops, 1), "rand_augment_ops", "a whole number of operations >= 1")
+        require(
+            _whole(self.rand_augment_magnitude, 0) and self.rand_augment_magnitude <= 30,
+            "rand_augment_magnitude",
+            "a whole number 0..30 (of 31 magnitude bins, as torchvision and DALI count them)",
+        )
+        require(
+            isinstance(self.random_erasing, int | float) and not isinstance(self.random_erasing, bool)
+            and 0 <= self.random_erasing <= 1,
+            "random_erasing",
+            "a probability 0..1",
+        )  # fmt: skip
         require(self.orientation in ORIENTATIONS, "orientation", " or ".join(ORIENTATIONS))
         mean, std = _numbers(self.mean, 3), _numbers(self.std, 3)
         require(mean is not None, "mean", "three numbers, one per RGB channel (0..255 scale)")
