@@ -21,7 +21,7 @@ from data.spec import ImageSpec
 log = logging.getLogger(__name__)
 
 CARD = "model_card"
-ARCHITECTURE_KEYS = ("arch", "zero_init_residual")  # models.zoo.build_net's arguments that shape the network
+ARCHITECTURE_KEYS = ("arch", "zero_init_residual", "blurpool")  # models.zoo.build_net's arguments shaping the net
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,9 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelCard:
-        return cls(tuple(values["classes"]), ImageSpec.from_dict(values["image_spec"]), dict(values["architecture"]))
+        """A card written before BlurPool existed has no ``blurpool``: its network had none."""
+        architecture = {"blurpool": None, **values["architecture"]}
+        return cls(tuple(values["classes"]), ImageSpec.from_dict(values["image_spec"]), architecture)
 
     @classmethod
     def of_checkpoint(cls, checkpoint: dict, path: str | os.PathLike) -> ModelCard:
@@ -50,10 +52,11 @@ class ModelCard:
             raise ValueError(f"{path} holds no {CARD!r} (written by an older version of this project): re-save it")
         return cls.from_dict(checkpoint[CARD])
 
-    def write_beside(self, weights: Path) -> Path:
-        """``<weights>.json``: the card of exported weights."""
-        path = weights.with_name(weights.name + ".json")
-        path.write_text(json.dumps(self.to_dict(), indent=1))
+    def write_beside(self, file: Path, **notes: str) -> Path:
+        """``<file>.json``: the card of exported weights, with ``notes`` on them (models.export: which weights, and
+        how to load them)."""
+        path = file.with_name(file.name + ".json")
+        path.write_text(json.dumps({**self.to_dict(), **notes}, indent=1))
         return path
 
 

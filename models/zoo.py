@@ -5,6 +5,7 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 
+from models.blurpool import apply_blurpool
 from models.export import load_weights_only
 
 ARCHITECTURES = (
@@ -14,9 +15,17 @@ ARCHITECTURES = (
 )
 
 
-def build_net(arch: str, num_classes: int, zero_init_residual: bool = False, weights: str | None = None) -> nn.Module:
+def build_net(
+    arch: str,
+    num_classes: int,
+    zero_init_residual: bool = False,
+    weights: str | None = None,
+    blurpool: str | None = None,
+) -> nn.Module:
     """``arch`` from ``ARCHITECTURES``; ``zero_init_residual`` zeroes the last BN of each residual branch (ResNets);
-    ``weights``: a torchvision-format state_dict file (``python -m models.export``) loaded strictly, weights only."""
+    ``blurpool``: null, ffcv or composer (models/blurpool.py), applied before the weights load, so that the weights
+    exported from a BlurPool run load back; ``weights``: a state_dict file (``python -m models.export``) of this
+    architecture and blurpool, loaded strictly, weights only."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown model architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
     options = {"weights": None, "num_classes": num_classes}
@@ -25,6 +34,8 @@ def build_net(arch: str, num_classes: int, zero_init_residual: bool = False, wei
     elif zero_init_residual:
         raise ValueError(f"zero_init_residual applies to ResNets only, not to {arch!r}")
     net = torchvision.models.get_model(arch, **options)
+    if blurpool is not None:
+        apply_blurpool(net, blurpool)
     if weights is not None:
         net.load_state_dict(load_weights_only(weights), strict=True)
     return net
