@@ -28,6 +28,7 @@ from torchvision.transforms.v2.functional import resize
 from data.affinity import affinity_mask
 from data.ilsvrc import UNREADABLE_FILE_ADVICE, Split
 from data.placement import BatchRequest, Placement, Shard
+from data.resolution import FixedResolution, TrainResolution
 from data.shard_set import IMAGE_EXTENSIONS, LABEL_EXTENSION, ShardSplit, parse_label, verify_advice
 from data.spec import ConfigError, ImageSpec
 
@@ -190,6 +191,7 @@ def ilsvrc_pipeline(
     training: bool,
     decoder_device: str,
     shard: Shard,
+    image_size: int | None = None,
     reader_seed: int = 0,
     shuffle_buffer: int = 0,
     image_dtype: str = "float32",
@@ -197,7 +199,8 @@ def ilsvrc_pipeline(
     decoder_memory: DecoderMemory = DecoderMemory(),
     cpus: Sequence[int] | None = None,
 ):
-    """Train: random-resized crop decoded straight from the JPEG, resize, flip. Val: shorter side, centre crop."""
+    """Train: random-resized crop decoded straight from the JPEG, resized to ``image_size`` (the epoch's; default
+    the spec's), flip. Val: shorter side to ``val_resize_size``, centre crop of ``val_image_size``."""
     jpegs, labels = reader(split, shard, training=training, reader_seed=reader_seed, shuffle_buffer=shuffle_buffer)
     decoding = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=spec.orientation == "exif")
     if decoder_device == "mixed":  # the hardware decoder's share set explicitly: its default moved across versions
@@ -211,16 +214,17 @@ def ilsvrc_pipeline(
             num_attempts=100,
             **decoding,
         )
-        size, mirror = [spec.image_size, spec.image_size], fn.random.coin_flip(probability=0.5 * spec.flip)
+        crop = image_size or spec.image_size
+        size, mirror = [crop, crop], fn.random.coin_flip(probability=0.5 * spec.flip)
     else:
         images = fn.decoders.image(jpegs, **decoding)
-        size, mirror = [spec.val_resize_size], 0
+        size, mirror, crop = [spec.val_resize_size], 0, spec.val_image_size
     images = _resize(images, jpegs, size, spec, decoder_device, cpus)
     images = fn.crop_mirror_normalize(
         images,
         dtype=OUTPUT_DTYPES[image_dtype],
         output_layout="HWC",
-        crop=(spec.image_size, spec.image_size),
+        crop=(crop, crop),
         mean=list(spec.mean),
         std=list(spec.std),
         mirror=mirror,
@@ -306,25 +310,37 @@ class ResumableDaliLoader(DaliLoader):
     The state is every rank's DALI checkpoint at the start of the current epoch, gathered because only rank zero
     writes the file. Resuming rebuilds each rank's pipeline there and reads again, without yielding, the batches
     already trained: exact, whatever Lightning prefetched, at the cost of decoding those batches once more.
+
+    The image size is a constant of the pipeline's graph: an epoch whose size (``resolution``) differs from the
+    last one's rebuilds the pipeline at the size from its reader's checkpoint at the epoch's start (a second or so,
+    once per distinct size of a progressive-resizing run), so the order of the samples is unchanged.
     """
 
     def __init__(
         self,
-        build_pipeline: Callable[[str | None], object],
+        build_pipeline: Callable[[str | None, int], object],
         batches_per_epoch: int,
-        trained_batches: Callable[[], int],
+        progress: TrainProgress,
         shard: Shard,
         advice: str,
     ) -> None:
-        super().__init__(build_pipeline(None), batches_per_epoch, LastBatchPolicy.DROP, advice)
-        self.build_pipeline, self.trained_batches = build_pipeline, trained_batches
+        self.image_size = progress.resolution.size(progress.current_epoch())
+        super().__init__(build_pipeline(None, self.image_size), batches_per_epoch, LastBatchPolicy.DROP, advice)
+        self.build_pipeline, self.progress = build_pipeline, progress
         self.rank, self.world_size = shard.rank, shard.world_size
         self.epoch_start: str | None = None  # set when an epoch starts; read only while one runs
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._finish_epoch()
         self.epoch_start = self.iterator.checkpoints()[0]
+        size = self.progress.resolution.size(self.progress.current_epoch())
+        if size != self.image_size:
+            self._rebuild(self.epoch_start, size)
         yield from super().__iter__()
+
+    def _rebuild(self, checkpoint: str, image_size: int) -> None:
+        self.iterator = _iterator(self.build_pipeline(checkpoint, image_size), self.last_batch_policy, self.advice)
+        self.image_size = image_size
 
     def state_dict(self) -> dict:
         checkpoint = self.epoch_start if self.in_epoch else self.iterator.checkpoints()[0]
@@ -341,8 +357,18 @@ class ResumableDaliLoader(DaliLoader):
                 f"the checkpoint holds the DALI reader state of {len(checkpoints)} ranks, this run has "
                 f"{self.world_size}: resume mid-epoch with the same number of devices and nodes"
             )
-        self.iterator = _iterator(self.build_pipeline(checkpoints[self.rank]), self.last_batch_policy, self.advice)
-        self.in_epoch, self.replay = False, self.trained_batches()
+        self._rebuild(checkpoints[self.rank], self.progress.resolution.size(self.progress.current_epoch()))
+        self.in_epoch, self.replay = False, self.progress.trained_batches()
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """Where the fit loop is, as the train loader asks it: the epoch (for its image size) and, on a restore, the
+    batches of that epoch already trained."""
+
+    resolution: TrainResolution
+    current_epoch: Callable[[], int]
+    trained_batches: Callable[[], int]
 
 
 class DaliLoaders:
@@ -434,14 +460,17 @@ class DaliLoaders:
         """
         if self.decoder(request.placement) == "cpu":
             return PipelineMemory(self.threads(request.placement, training), DecoderMemory(), 0, 0)
-        image = request.spec.image_size**2 * 3 * (2 if self.image_dtype(request.placement) == "float16" else 4)
-        queue = self.prefetch_depth * request.batch_size * image
+        pixel = 3 * (2 if self.image_dtype(request.placement) == "float16" else 4)
+        spec = request.spec
+        # a ramp's sizes are assumed up to the size it ends at, data.spec.image_size
+        queues = {split: self.prefetch_depth * request.batch_size * size**2 * pixel
+                  for split, size in ((True, spec.image_size), (False, spec.val_image_size))}  # fmt: skip
         staging = math.ceil(self.hw_decoder_load * request.batch_size) * HW_STAGING_PER_IMAGE
         threads = {split: self.threads(request.placement, split) for split in (True, False)}
         total = sum(threads.values())
         paddings = {}
         for key, budget, fixed, buffers, largest in (  # both pipelines: two queues, two stagings
-            ("gpu_memory_mib", self.gpu_memory, 2 * queue, 1, LARGEST_DEVICE_PADDING),
+            ("gpu_memory_mib", self.gpu_memory, sum(queues.values()), 1, LARGEST_DEVICE_PADDING),
             ("pinned_memory_mib", self.pinned_memory, 2 * staging, 2, LARGEST_HOST_PADDING),
         ):
             padding = (budget - fixed) // (buffers * total) // MIB * MIB
@@ -455,7 +484,7 @@ class DaliLoaders:
                 )
             paddings[key] = min(largest, padding)
         decoder = DecoderMemory(paddings["gpu_memory_mib"], paddings["pinned_memory_mib"], *self.PREALLOCATE_HINT)
-        return PipelineMemory(threads[training], decoder, queue, staging)
+        return PipelineMemory(threads[training], decoder, queues[training], staging)
 
     @staticmethod
     def batches_per_epoch(num_images: int, batch_size: int, shard: Shard) -> int:
@@ -468,11 +497,17 @@ class DaliLoaders:
         return range(num_images * shard.rank // shard.world_size, num_images * (shard.rank + 1) // shard.world_size)
 
     def train(
-        self, request: BatchRequest, seed: int, trained_batches: Callable[[], int] = lambda: 0
+        self,
+        request: BatchRequest,
+        seed: int,
+        trained_batches: Callable[[], int] = lambda: 0,
+        resolution: TrainResolution | None = None,
+        current_epoch: Callable[[], int] = lambda: 0,
     ) -> ResumableDaliLoader:
         """Every rank runs ``batches_per_epoch`` steps: the same count on each, full batches only.
 
-        ``trained_batches`` tells, when a checkpoint is restored, how many batches of its epoch were trained.
+        ``trained_batches`` tells, when a checkpoint is restored, how many batches of its epoch were trained;
+        ``resolution`` the image size of each epoch (default: the spec's) and ``current_epoch`` the epoch.
         """
         build_pipeline = partial(
             ilsvrc_pipeline,
@@ -484,10 +519,11 @@ class DaliLoaders:
             **self.pipeline_arguments(request, training=True),
         )
         steps = self.batches_per_epoch(len(request.split), request.batch_size, request.shard)
+        progress = TrainProgress(resolution or FixedResolution(request.spec.image_size), current_epoch, trained_batches)
         return ResumableDaliLoader(
-            lambda checkpoint: build_pipeline(checkpoint=checkpoint),
+            lambda checkpoint, image_size: build_pipeline(checkpoint=checkpoint, image_size=image_size),
             steps,
-            trained_batches,
+            progress,
             request.shard,
             advice=_advice(request.split),
         )

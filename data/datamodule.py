@@ -19,6 +19,7 @@ from compat import launches_its_ranks_by_rerunning_the_script, trained_batches_i
 from data.ilsvrc import ILSVRCLayout, Split
 from data.index import MODES, SCOPES, IndexRole, job_run_token, shared_layout, usable_cores
 from data.placement import BatchRequest, Placement, Shard, placement_of, shard_of
+from data.resolution import FixedResolution, ResolutionRamp, TrainResolution
 from data.shard_set import ShardSet, ShardSetError, ShardSplit, is_shard_set
 from data.spec import ConfigError, ImageSpec
 
@@ -32,13 +33,19 @@ class Loader(Protocol):
     name: str
     ten_crop: bool
 
-    @staticmethod
-    def batches_per_epoch(num_images: int, batch_size: int, shard: Shard) -> int: ...
+    def batches_per_epoch(self, num_images: int, batch_size: int, shard: Shard) -> int: ...
 
     @staticmethod
     def val_order(num_images: int, shard: Shard) -> Sequence[int]: ...
 
-    def train(self, request: BatchRequest, seed: int, trained_batches: Callable[[], int]) -> Iterable: ...
+    def train(
+        self,
+        request: BatchRequest,
+        seed: int,
+        trained_batches: Callable[[], int],
+        resolution: TrainResolution | None,
+        current_epoch: Callable[[], int],
+    ) -> Iterable: ...
 
     def val(self, request: BatchRequest, ten_crop: bool = False) -> Iterable: ...
 
@@ -52,7 +59,8 @@ class ImageNetDataModule(pl.LightningDataModule):
     rank's share of the node's cores less one; ``index``: how the files are checked before training
     (data/index.py); ``index_scope``: which rank checks them and scans the folders for the others, ``node`` (local
     rank 0 of each node) or ``job`` (global rank 0, for a ``cache_dir`` that every node shares), and
-    ``index_wait_s``: how long the others wait for its result; ``val_crops``: 1, or 10 for the ten-crop protocol.
+    ``index_wait_s``: how long the others wait for its result; ``val_crops``: 1, or 10 for the ten-crop protocol;
+    ``resolution``: progressive resizing (data/resolution.py), ending at ``spec.image_size``; null: every epoch at it.
     """
 
     def __init__(
@@ -68,6 +76,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         index_scope: str = "node",
         index_wait_s: float = 3600.0,
         val_crops: int = 1,
+        resolution: ResolutionRamp | None = None,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -90,6 +99,13 @@ class ImageNetDataModule(pl.LightningDataModule):
         if val_crops not in (1, 10) or (val_crops == 10 and not loader.ten_crop):
             allowed = "1 or 10" if loader.ten_crop else f"1 with data/loader={loader.name} (ten crops: torchvision)"
             raise ConfigError("data.val_crops", val_crops, allowed)
+        if resolution is not None and resolution.end_size != spec.image_size:
+            raise ConfigError(
+                "data.resolution.end_size",
+                resolution.end_size,
+                f"data.spec.image_size ({spec.image_size}): the ramp ends at the size the model card records",
+            )
+        self.resolution = resolution or FixedResolution(spec.image_size)
         self.root, self.spec, self.loader, self.batch_size = root, spec, loader, batch_size
         self.num_workers, self.seed, self.index, self.cache_dir = num_workers, seed, index, cache_dir
         self.index_scope, self.index_wait_s, self.val_crops = index_scope, index_wait_s, val_crops
@@ -158,7 +174,11 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> Iterable:
         return self.loader.train(
-            self._request(self.layout.train), seed=self.seed, trained_batches=self._trained_batches
+            self._request(self.layout.train),
+            seed=self.seed,
+            trained_batches=self._trained_batches,
+            resolution=self.resolution,
+            current_epoch=self._current_epoch,
         )
 
     def val_dataloader(self) -> Iterable:
@@ -174,6 +194,10 @@ class ImageNetDataModule(pl.LightningDataModule):
     def _trained_batches(self) -> int:
         """Batches of the current epoch already trained, as the fit loop restored them from a checkpoint."""
         return trained_batches_in_epoch(self.trainer)
+
+    def _current_epoch(self) -> int:
+        """The epoch the fit loop is in (restored from a checkpoint on resume)."""
+        return self.trainer.current_epoch
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
         images, labels = batch

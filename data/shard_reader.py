@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 
 from data.shard_set import IndexedSample, IndexTable, ShardSplit, parse_label, read_index_table, read_member
 from data.spec import ImageSpec
-from data.torchvision_backend import ImageFiles, decode_bytes
+from data.torchvision_backend import ImageFiles, TrainTransforms, decode_bytes
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class ShardImages(ImageFiles):
     """``ImageFiles`` over a shard set's split: the same keys, images, labels and seeded augmentations, read from its
     tars."""
 
-    def __init__(self, split: ShardSplit, spec: ImageSpec, transform: v2.Transform) -> None:
+    def __init__(self, split: ShardSplit, spec: ImageSpec, transform: v2.Transform | TrainTransforms) -> None:
         super().__init__(split, spec, transform)
         self.reader = ShardReader.of_split(split)
 

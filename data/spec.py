@@ -15,7 +15,7 @@ from typing import Any
 PIXEL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # ImageNet's RGB statistics, on the 0..255 scale
 PIXEL_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 ORIENTATIONS = ("stored", "exif")
-AUTO_AUGMENTS = ("rand_augment", "trivial_augment_wide")  # torchvision's RandAugment, TrivialAugmentWide; DALI's auto_aug
+AUTO_AUGMENTS = ("rand_augment", "trivial_augment_wide")  # torchvision.transforms.v2 and nvidia.dali.auto_aug
 
 
 class ConfigError(ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -18,8 +19,9 @@ from torchvision.transforms import v2
 from compat import UnrepeatedDistributedSampler
 from data.ilsvrc import UNREADABLE_FILE_ADVICE, Split
 from data.placement import BatchRequest, Placement, Shard
+from data.resolution import FixedResolution, TrainResolution
 from data.shard_set import ShardSplit
-from data.spec import ImageSpec
+from data.spec import ConfigError, ImageSpec
 
 
 def decode(path: str, spec: ImageSpec) -> torch.Tensor:
@@ -36,12 +38,25 @@ def decode_bytes(encoded: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
     return image
 
 
-def train_transform(spec: ImageSpec) -> v2.Transform:
-    """Inception-style augmentation: random-resized crop and a horizontal flip, as the spec sizes them."""
+def train_transform(spec: ImageSpec, size: int | None = None) -> v2.Transform:
+    """Inception-style augmentation: random-resized crop to ``size`` (default: the spec's image size) and a horizontal
+    flip, as the spec sizes them, then the spec's automatic augmentation and random erasing (data/augment.py)."""
     crop = v2.RandomResizedCrop(
-        spec.image_size, scale=spec.train_crop_scale, ratio=spec.train_aspect_ratio, antialias=True
+        size or spec.image_size, scale=spec.train_crop_scale, ratio=spec.train_aspect_ratio, antialias=True
     )
     return v2.Compose([crop, v2.RandomHorizontalFlip(0.5 if spec.flip else 0.0)])
+
+
+class TrainTransforms:
+    """The train transform at each size a resolution schedule asks for, each built once per worker process."""
+
+    def __init__(self, spec: ImageSpec) -> None:
+        self.spec, self.by_size = spec, {}
+
+    def at(self, size: int) -> v2.Transform:
+        if size not in self.by_size:
+            self.by_size[size] = train_transform(self.spec, size)
+        return self.by_size[size]
 
 
 def val_transform(spec: ImageSpec, ten_crop: bool = False) -> v2.Transform:
@@ -58,9 +73,10 @@ def _stack(crops: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class ImageFiles(Dataset):
-    """Decoded RGB uint8 images of a split. Keys are indices, or (index, seed) pairs from ``EpochSeededSampler``."""
+    """Decoded RGB uint8 images of a split. Keys are indices (``transform`` a transform), or ``SampleKey``s from
+    ``EpochSeededSampler`` (``transform`` the ``TrainTransforms`` of every size)."""
 
-    def __init__(self, split: Split, spec: ImageSpec, transform: v2.Transform) -> None:
+    def __init__(self, split: Split, spec: ImageSpec, transform: v2.Transform | TrainTransforms) -> None:
         self.split, self.spec, self.transform = split, spec, transform
 
     def __len__(self) -> int:
@@ -75,14 +91,14 @@ class ImageFiles(Dataset):
             raise RuntimeError(f"{path}: cannot be decoded ({error})\n{UNREADABLE_FILE_ADVICE}") from error
         return image, self.split.labels[index]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        image, label = self.load(index)
-        if seed is None:
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, int]:
+        if not isinstance(key, SampleKey):
+            image, label = self.load(key)
             return self.transform(image), label
-        with torch.random.fork_rng(devices=[]):  # the sample's augmentation depends on (seed, epoch, index) only
-            torch.default_generator.manual_seed(seed)  # the CPU's: torch.manual_seed also seeds every accelerator
-            return self.transform(image), label
+        image, label = self.load(key.index)
+        with torch.random.fork_rng(devices=[]):  # the sample's augmentation depends on its key only
+            torch.default_generator.manual_seed(key.seed)  # the CPU's: torch.manual_seed also seeds every accelerator
+            return self.transform.at(key.size)(image), label
 
 
 def dataset_of(split: Split | ShardSplit, spec: ImageSpec, transform: v2.Transform) -> ImageFiles:
@@ -94,19 +110,62 @@ def dataset_of(split: Split | ShardSplit, spec: ImageSpec, transform: v2.Transfo
     return ImageFiles(split, spec, transform)
 
 
+class SampleKey(NamedTuple):
+    """A train sample as the sampler names it: which image, its augmentation seed, and the epoch's image size."""
+
+    index: int
+    seed: int
+    size: int
+
+
 class EpochSeededSampler(DistributedSampler):
-    """DistributedSampler whose keys carry a per-sample augmentation seed derived from (seed, epoch, index).
+    """DistributedSampler whose keys carry a per-sample augmentation seed derived from (seed, epoch, index) and the
+    epoch's image size (``resolution``: Lightning's ``set_epoch`` names the epoch before each one starts).
 
     Augmentations then do not depend on worker count or on the process's RNG, so a resumed run sees exactly the
-    crops and flips an uninterrupted one does.
+    crops, flips and sizes an uninterrupted one does.
     """
 
     skip = 0  # samples of the next epoch already trained (a run resumed in mid-epoch); read once
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __init__(self, dataset: Dataset, resolution: TrainResolution, **options) -> None:
+        super().__init__(dataset, **options)
+        self.resolution = resolution
+
+    def indices(self) -> Iterator[int]:
+        """This rank's images of the epoch, in order."""
+        return super().__iter__()
+
+    def __iter__(self) -> Iterator[SampleKey]:
         skip, self.skip = self.skip, 0
-        for index in itertools.islice(super().__iter__(), skip, None):
-            yield index, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF
+        size = self.resolution.size(self.epoch)
+        for position, index in itertools.islice(enumerate(self.indices()), skip, None):
+            place = self.rank + position * self.num_replicas  # in the epoch's global order: a repeat is another draw
+            yield SampleKey(index, hash((self.seed, self.epoch, index, place)) & 0x7FFF_FFFF, size)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class RepeatedAugmentationSampler(EpochSeededSampler):
+    """Repeated augmentation (Hoffer et al. 2019; torchvision's ``RASampler`` of its classification reference, which
+    follows DeiT's): each epoch draws ``1/repeats`` of the images, each ``repeats`` times with its own augmentation,
+    the copies spread over the ranks; an epoch keeps about the split's length (``len // 256 * 256`` samples over
+    all ranks, as torchvision's; a split of fewer than 256 images: all of it). Every rank takes ``num_samples``."""
+
+    def __init__(self, dataset: Dataset, resolution: TrainResolution, repeats: int, **options) -> None:
+        super().__init__(dataset, resolution, **options)
+        self.repeats = repeats
+        self.repeated_total = math.ceil(len(dataset) * repeats / self.num_replicas) * self.num_replicas
+        self.num_samples = (len(dataset) // 256 * 256 or len(dataset)) // self.num_replicas
+        self.total_size = self.num_samples * self.num_replicas
+
+    def indices(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).repeat_interleave(self.repeats).tolist()
+        order += order[: self.repeated_total - len(order)]
+        return iter(order[self.rank : self.repeated_total : self.num_replicas][: self.num_samples])
 
 
 class ResumableDataLoader(DataLoader):
@@ -126,19 +185,28 @@ class ResumableDataLoader(DataLoader):
 
 
 class TorchvisionLoaders:
-    """The loader node ``conf/data/loader/torchvision.yaml``; ``pin_memory`` speeds the copy to a GPU."""
+    """The loader node ``conf/data/loader/torchvision.yaml``; ``pin_memory`` speeds the copy to a GPU;
+    ``repeated_augmentations``: 1, or the copies of each drawn image per epoch (``RepeatedAugmentationSampler``)."""
 
     name = "torchvision"
     ten_crop = True  # supports data.val_crops=10
 
-    def __init__(self, pin_memory: bool = True) -> None:
-        self.pin_memory = pin_memory
+    def __init__(self, pin_memory: bool = True, repeated_augmentations: int = 1) -> None:
+        if (
+            not isinstance(repeated_augmentations, int)
+            or isinstance(repeated_augmentations, bool)
+            or (repeated_augmentations < 1)
+        ):
+            raise ConfigError(
+                "data.loader.repeated_augmentations", repeated_augmentations, "1 (none), or copies per image >= 2"
+            )
+        self.pin_memory, self.repeated_augmentations = pin_memory, repeated_augmentations
 
-    @staticmethod
-    def batches_per_epoch(num_images: int, batch_size: int, shard: Shard) -> int:
-        """Full batches per rank (the sampler pads the split to a multiple of the world size; the last partial
-        batch is dropped)."""
-        return math.ceil(num_images / shard.world_size) // batch_size
+    def batches_per_epoch(self, num_images: int, batch_size: int, shard: Shard) -> int:
+        """Full batches per rank (the sampler pads the split to a multiple of the world size, or draws the repeated
+        augmentation's share; the last partial batch is dropped)."""
+        sampler = self._sampler(range(num_images), shard, FixedResolution(1), seed=0)
+        return len(sampler) // batch_size
 
     @staticmethod
     def val_order(num_images: int, shard: Shard) -> range:
@@ -150,15 +218,28 @@ class TorchvisionLoaders:
         """Where this rank's JPEGs are decoded, for its first log lines."""
         return f"CPU (torchvision, {placement.workers} DataLoader worker(s))"
 
-    def train(self, request: BatchRequest, seed: int, trained_batches: Callable[[], int]) -> DataLoader:
-        shard = request.shard
-        sampler = EpochSeededSampler(
-            request.split, num_replicas=shard.world_size, rank=shard.rank, shuffle=True, seed=seed
-        )
-        dataset = dataset_of(request.split, request.spec, train_transform(request.spec))
+    def train(
+        self,
+        request: BatchRequest,
+        seed: int,
+        trained_batches: Callable[[], int] = lambda: 0,
+        resolution: TrainResolution | None = None,
+        current_epoch: Callable[[], int] = lambda: 0,
+    ) -> DataLoader:
+        """``resolution``: the image size of each epoch (default: the spec's); the sampler learns the epoch from
+        Lightning's ``set_epoch`` (``current_epoch`` is for loaders without a sampler)."""
+        resolution = resolution or FixedResolution(request.spec.image_size)
+        sampler = self._sampler(request.split, request.shard, resolution, seed)
+        dataset = dataset_of(request.split, request.spec, TrainTransforms(request.spec))
         return ResumableDataLoader(
             dataset, trained_batches=trained_batches, sampler=sampler, drop_last=True, **self._loading(request)
         )
+
+    def _sampler(self, dataset: Sequence, shard: Shard, resolution: TrainResolution, seed: int) -> EpochSeededSampler:
+        options = dict(num_replicas=shard.world_size, rank=shard.rank, shuffle=True, seed=seed)
+        if self.repeated_augmentations > 1:
+            return RepeatedAugmentationSampler(dataset, resolution, self.repeated_augmentations, **options)
+        return EpochSeededSampler(dataset, resolution, **options)
 
     def val(self, request: BatchRequest, ten_crop: bool = False) -> DataLoader:
         """Each image exactly once across ranks: no padding duplicates (ranks may differ by one batch)."""

@@ -291,3 +291,17 @@ class BroadcastCounter(pl.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"rank{trainer.global_rank}-broadcasts.json"
         path.write_text(json.dumps({"calls": self.calls, "steps": trainer.global_step}))
+
+
+class BatchShapes(pl.Callback):
+    """Each rank writes, per trained batch, its epoch and the images' shape, to ``rank<R>-shapes.json``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.shapes = Path(folder), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.shapes.append([trainer.current_epoch, list(batch[0].shape)])
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}-shapes.json").write_text(json.dumps(self.shapes))
