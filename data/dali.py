@@ -386,7 +386,8 @@ class DaliLoaders:
     to fit it; the val pipeline decodes with ``val_threads`` threads (it runs a few minutes per epoch).
 
     ``shuffle_buffer``: over a shard set, the encoded samples each rank's train reader draws from at random (host
-    memory: about 110 KB each for ILSVRC); 0 or 1: none.
+    memory: about 110 KB each for ILSVRC); 0 or 1: none. ``repeated_augmentations``: 1 only (the torchvision
+    loader's sampler implements it; DALI's readers draw their own permutation).
     """
 
     name = "dali"
@@ -404,7 +405,14 @@ class DaliLoaders:
         gpu_memory_mib: int = 1024,
         pinned_memory_mib: int = 2048,
         shuffle_buffer: int = 4096,
+        repeated_augmentations: int = 1,
     ) -> None:
+        if repeated_augmentations != 1:  # DALI's readers permute the samples: no sampler to repeat them through
+            raise ConfigError(
+                "data.loader.repeated_augmentations",
+                repeated_augmentations,
+                "1 with data/loader=dali (repeated augmentation: data/loader=torchvision)",
+            )
         if device not in DEVICES:
             raise ConfigError("data.loader.device", device, " or ".join(DEVICES))
         if output_dtype not in ("auto", *OUTPUT_DTYPES):

@@ -3,12 +3,16 @@ augmentations seeded by (seed, epoch, index)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 from data.ilsvrc import Split, load_layout
 from data.placement import Placement, Shard
+from data.resolution import FixedResolution
+from data.torchvision_backend import RepeatedAugmentationSampler, TorchvisionLoaders
 from tests.loaders import loader, small_spec
 
 
@@ -58,3 +62,27 @@ def test_each_epoch_draws_new_augmentations_and_a_rerun_the_same(small_demo_root
     assert first.keys() == second.keys() == set(range(40))
     assert all(torch.equal(first[i], again[i]) for i in first)
     assert sum(torch.equal(first[i], second[i]) for i in first) <= 2  # a crop can repeat by chance, rarely
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_repeated_augmentation_draws_each_image_repeats_times_with_its_own_seeds(world_size: int):
+    """torchvision's RASampler: 1024 images, 4 repeats: every rank takes 1024 / world samples; the epoch holds 256
+    distinct images, each exactly 4 times, spread over the ranks, each copy with its own augmentation seed."""
+    resolution = FixedResolution(32)
+    samplers = [
+        RepeatedAugmentationSampler(range(1024), resolution, 4, num_replicas=world_size, rank=rank, seed=1)
+        for rank in range(world_size)
+    ]
+    per_rank = [list(sampler) for sampler in samplers]
+    keys = [key for keys in per_rank for key in keys]
+    assert (
+        [len(keys) for keys in per_rank] == [len(sampler) for sampler in samplers] == [1024 // world_size] * world_size
+    )
+    assert set(Counter(key.index for key in keys).values()) == {4} and len({key.index for key in keys}) == 256
+    assert len({(key.index, key.seed) for key in keys}) == 1024
+    if world_size == 4:  # each image's four copies on four ranks
+        assert all(len({key.index for key in keys}) == 256 for keys in per_rank)
+    samplers[0].set_epoch(1)
+    assert [key.index for key in samplers[0]] != [key.index for key in per_rank[0]]
+    loaders = TorchvisionLoaders(pin_memory=False, repeated_augmentations=4)
+    assert loaders.batches_per_epoch(1024, 32, Shard(0, world_size)) == 1024 // world_size // 32
