@@ -43,7 +43,8 @@ class ModelCard:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelCard:
         """A card written before BlurPool existed has no ``blurpool``: its network had none."""
-        architecture = {"blurpool": None, **values["architecture"]}
+        architecture = dict(values["architecture"])
+        architecture.setdefault("blurpool", None)
         return cls(tuple(values["classes"]), ImageSpec.from_dict(values["image_spec"]), architecture)
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from torch import nn
 
-from models.card import ModelCard
+from data.spec import ImageSpec
+from models.card import CARD, ModelCard
 from models.export import UnsafeCheckpointError, export, load_weights_only
 from models.zoo import build_net
 from tests.conftest import PROJECT_ROOT, SMALL_RUN, build_module
@@ -58,6 +61,77 @@ def test_export_command(checkpoint, tmp_path):
     result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert set(torch.load(out, weights_only=True)) == set(build_net("resnet18", 4).state_dict())
+    card = json.loads(out.with_name("exported.pth.json").read_text())
+    assert card["architecture"]["blurpool"] is None and card["weights"] == "raw"
+    assert f"torchvision.models.resnet18(num_classes=4).load_state_dict(torch.load('{out}'))" in result.stdout
+
+
+def hand_made_checkpoint(path: Path, blurpool: str | None, ema: bool) -> tuple[nn.Module, nn.Module]:
+    """A checkpoint as models.classifier.ImageClassifier saves one (``net.*``, and ``ema_net.*`` when ``ema``) of a
+    resnet18 with ``blurpool``, the raw network and its average (other weights) returned."""
+    architecture = {"arch": "resnet18", "zero_init_residual": False, "blurpool": blurpool}
+    raw, average = (build_net(num_classes=4, **architecture).eval() for _ in range(2))
+    state = {f"net.{key}": value for key, value in raw.state_dict().items()}
+    if ema:
+        state |= {f"ema_net.{key}": value for key, value in average.state_dict().items()}
+    card = ModelCard(("n01", "n02", "n03", "n04"), ImageSpec(), architecture)
+    torch.save({"state_dict": state, CARD: card.to_dict()}, path)
+    return raw, average
+
+
+@pytest.mark.parametrize("blurpool", ["ffcv", "composer"])
+def test_a_blurpool_export_is_refused_by_torchvision_and_rebuilt_by_build_net(tmp_path: Path, blurpool: str):
+    raw, _ = hand_made_checkpoint(tmp_path / "last.ckpt", blurpool, ema=False)
+    out = export(tmp_path / "last.ckpt", tmp_path / "blurred.pth")
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*blur_filter"):
+        torchvision.models.resnet18(num_classes=4).load_state_dict(torch.load(out, weights_only=True), strict=True)
+    card = json.loads(out.with_name("blurred.pth.json").read_text())
+    assert card["architecture"]["blurpool"] == blurpool and card["weights"] == "raw"
+    assert card["load"].startswith("NOT loadable by torchvision.models.resnet18")
+    rebuilt = build_net(**card["architecture"], num_classes=len(card["classes"]), weights=str(out)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), raw(images))
+
+
+def test_export_takes_the_ema_weights_when_asked(tmp_path: Path):
+    raw, average = hand_made_checkpoint(tmp_path / "last.ckpt", blurpool=None, ema=True)
+    exported = {which: export(tmp_path / "last.ckpt", tmp_path / f"{which}.pth", which) for which in ("raw", "ema")}
+    default = torch.load(export(tmp_path / "last.ckpt", tmp_path / "default.pth"), weights_only=True)
+    assert all(torch.equal(value, raw.state_dict()[key]) for key, value in default.items())
+    images = torch.randn(2, 3, 64, 64)
+    for which, net in (("raw", raw), ("ema", average)):
+        assert json.loads(exported[which].with_name(f"{which}.pth.json").read_text())["weights"] == which
+        loaded = torchvision.models.resnet18(num_classes=4).eval()
+        loaded.load_state_dict(torch.load(exported[which], weights_only=True), strict=True)
+        with torch.no_grad():
+            assert torch.equal(loaded(images), net(images))
+    with torch.no_grad():
+        assert not torch.equal(raw(images), average(images))  # the test tells the two apart
+
+
+def test_export_refuses_ema_from_a_run_without_one(tmp_path: Path):
+    hand_made_checkpoint(tmp_path / "last.ckpt", blurpool=None, ema=False)
+    with pytest.raises(ValueError, match=r"no 'ema_net\.\*' weights: its run kept no moving average .*\(model.ema\)"):
+        export(tmp_path / "last.ckpt", tmp_path / "ema.pth", weights="ema")
+    assert not (tmp_path / "ema.pth").exists()
+
+
+def test_export_command_says_a_blurpool_network_is_not_torchvision(tmp_path: Path):
+    hand_made_checkpoint(tmp_path / "last.ckpt", blurpool="ffcv", ema=True)
+    command = [sys.executable, "-m", "models.export", str(tmp_path / "last.ckpt"), str(tmp_path / "ema.pth")]
+    result = subprocess.run([*command, "--weights", "ema"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "NOT loadable by torchvision.models.resnet18" in result.stdout
+    rebuild = (
+        f"build_net(arch='resnet18', zero_init_residual=False, blurpool='ffcv', num_classes=4, weights='{tmp_path}"
+    )
+    assert rebuild in result.stdout
+
+
+def test_a_card_from_before_blurpool_means_none():
+    old = {"classes": ["n01"], "image_spec": ImageSpec().to_dict(), "architecture": {"arch": "resnet18"}}
+    assert ModelCard.from_dict(old).architecture == {"arch": "resnet18", "blurpool": None}
 
 
 @pytest.fixture
