@@ -26,6 +26,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torchvision.transforms.v2.functional import resize
 
 from data.affinity import affinity_mask
+from data.augment import dali_augment, needs_conditionals
 from data.ilsvrc import UNREADABLE_FILE_ADVICE, Split
 from data.placement import BatchRequest, Placement, Shard
 from data.resolution import FixedResolution, TrainResolution
@@ -200,7 +201,9 @@ def ilsvrc_pipeline(
     cpus: Sequence[int] | None = None,
 ):
     """Train: random-resized crop decoded straight from the JPEG, resized to ``image_size`` (the epoch's; default
-    the spec's), flip. Val: shorter side to ``val_resize_size``, centre crop of ``val_image_size``."""
+    the spec's), the spec's automatic augmentation and random erasing (data/augment.py; built with
+    ``enable_conditionals`` where it needs them), flip. Val: shorter side to ``val_resize_size``, centre crop of
+    ``val_image_size``."""
     jpegs, labels = reader(split, shard, training=training, reader_seed=reader_seed, shuffle_buffer=shuffle_buffer)
     decoding = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=spec.orientation == "exif")
     if decoder_device == "mixed":  # the hardware decoder's share set explicitly: its default moved across versions
@@ -220,6 +223,8 @@ def ilsvrc_pipeline(
         images = fn.decoders.image(jpegs, **decoding)
         size, mirror, crop = [spec.val_resize_size], 0, spec.val_image_size
     images = _resize(images, jpegs, size, spec, decoder_device, cpus)
+    if training and (spec.auto_augment is not None or spec.random_erasing > 0):
+        images = dali_augment(images, spec)
     images = fn.crop_mirror_normalize(
         images,
         dtype=OUTPUT_DTYPES[image_dtype],
@@ -519,6 +524,7 @@ class DaliLoaders:
         """
         build_pipeline = partial(
             ilsvrc_pipeline,
+            enable_conditionals=needs_conditionals(request.spec),
             training=True,
             reader_seed=seed,
             shuffle_buffer=self.shuffle_buffer,

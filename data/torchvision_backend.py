@@ -17,6 +17,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from compat import UnrepeatedDistributedSampler
+from data.augment import torchvision_augmentations
 from data.ilsvrc import UNREADABLE_FILE_ADVICE, Split
 from data.placement import BatchRequest, Placement, Shard
 from data.resolution import FixedResolution, TrainResolution
@@ -44,7 +45,7 @@ def train_transform(spec: ImageSpec, size: int | None = None) -> v2.Transform:
     crop = v2.RandomResizedCrop(
         size or spec.image_size, scale=spec.train_crop_scale, ratio=spec.train_aspect_ratio, antialias=True
     )
-    return v2.Compose([crop, v2.RandomHorizontalFlip(0.5 if spec.flip else 0.0)])
+    return v2.Compose([crop, v2.RandomHorizontalFlip(0.5 if spec.flip else 0.0), *torchvision_augmentations(spec)])
 
 
 class TrainTransforms:

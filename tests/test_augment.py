@@ -184,3 +184,27 @@ def test_dali_warns_of_its_deprecated_aliases_and_only_those_are_held_back():
     with pytest.warns(DeprecationWarning) as passed:
         _pass_on(caught)
     assert [str(w.message) for w in passed] == ["something else"]
+
+
+@pytest.mark.parametrize("kind", ["torchvision", "dali"])
+@pytest.mark.parametrize("auto_augment", AUTO_AUGMENTS)
+def test_each_train_loader_augments_as_its_spec_says(small_demo_root: Path, kind: str, auto_augment: str):
+    """Through the loaders themselves (data/dali.py, data/torchvision_backend.py): the same seed and order with and
+    without the automatic augmentation and erasing give the same labels, the same shapes, and other pixels."""
+    from data.ilsvrc import load_layout
+    from data.placement import BatchRequest, Placement, Shard
+    from tests.loaders import NODES, small_spec
+
+    split = load_layout(small_demo_root).train
+    plain = small_spec(32, 36)
+    augmented = ImageSpec(**{**plain.to_dict(), "auto_augment": auto_augment, "random_erasing": 0.5})
+    options = dict(pin_memory=False) if kind == "torchvision" else dict(device="cpu")
+    batches = {}
+    for name, spec in (("plain", plain), ("augmented", augmented)):
+        request = BatchRequest(split, spec, 40, Shard(), Placement(workers=1))
+        loader = NODES[kind](**options).train(request, seed=3)
+        batches[name] = next(iter(loader))
+    (plain_images, plain_labels), (images, labels) = batches["plain"], batches["augmented"]
+    assert torch.equal(labels, plain_labels) and images.shape == plain_images.shape == (40, 3, 32, 32)
+    changed = (images.float() - plain_images.float()).abs().flatten(1).mean(1) > 0.05  # torchvision: uint8
+    assert changed.sum() >= 30, f"{int(changed.sum())} of 40 images changed"
