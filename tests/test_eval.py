@@ -1,10 +1,13 @@
-"""eval.py: the training's own val figures from its checkpoint, ten crops, 2 ranks = 1 rank, the error analysis."""
+"""eval.py: the training's own val figures from its checkpoint, ten crops, 2 ranks = 1 rank, the error analysis, a
+test-time resolution sweep, and the EMA weights."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,15 +20,17 @@ from callbacks.error_analysis import PREDICTIONS, analyse, format_report
 from data.demo import ensure_demo_dataset
 from data.ilsvrc import load_layout, wordnet_names
 from data.spec import ImageSpec
-from tests.conftest import PROJECT_ROOT, SMALL_DEMO, SMALL_RUN, convert_to_shards, run_train
+from eval import PLOT, TABLE, chosen_weights
+from tests.conftest import PROJECT_ROOT, SMALL_DEMO, SMALL_RUN, build_module, convert_to_shards, run_train
 from tests.odd_images import write_odd_images
 
 
-def run_eval(*overrides: str, cache_dir: Path, run_dir: Path) -> dict:
+def run_eval(*overrides: str, cache_dir: Path, run_dir: Path, report: str = "report.json") -> dict:
+    """``python eval.py OVERRIDES`` as a user runs it; its error analysis (``report``: where in ``run_dir``)."""
     command = [sys.executable, "eval.py", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *overrides]
     result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((run_dir / "report.json").read_text())
+    return json.loads((run_dir / report).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +46,27 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 DATA_ONLY = [o for o in SMALL_RUN if not o.startswith("data.spec.")]
 
 
+@pytest.fixture(scope="module")
+def single(trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The plain single-crop evaluation of the run's last checkpoint: its folder and its report."""
+    run, cache = trained
+    folder = tmp_path_factory.mktemp("single")
+    return folder, run_eval(*DATA_ONLY, f"ckpt={run / 'checkpoints' / 'last.ckpt'}", cache_dir=cache, run_dir=folder)
+
+
 @pytest.mark.slow
-def test_single_crop_reproduces_the_training_figures_and_ten_crops_report_their_own(trained, tmp_path: Path):
+def test_single_crop_reproduces_the_training_figures_and_ten_crops_report_their_own(trained, single, tmp_path: Path):
     """eval.py needs only the checkpoint and the data: the run trained at 32 px (the demo's default is 64), and the
     checkpoint says so."""
     run, cache = trained
     logged = json.loads((run / "metrics.json").read_text())
     ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
-    single = run_eval(*DATA_ONLY, ckpt, cache_dir=cache, run_dir=tmp_path / "single")["summary"]
+    folder, single = single[0], single[1]["summary"]
     assert single["images"] == 60
     assert single["top1_accuracy"] == pytest.approx(logged["val/acc1"], abs=1e-3)
     assert single["top5_accuracy"] == pytest.approx(logged["val/acc5"], abs=1e-3)
     assert single["top1_error"] == pytest.approx(1 - single["top1_accuracy"])
-    rows = (tmp_path / "single" / PREDICTIONS).read_text().splitlines()[1:]
+    rows = (folder / PREDICTIONS).read_text().splitlines()[1:]
     assert len(rows) == 60 and [row.split("\t")[0] for row in rows] == sorted(row.split("\t")[0] for row in rows)
     right = sum(row.split("\t")[1] == row.split("\t")[2].split()[0] for row in rows)  # label = top-1 wnid
     assert right / 60 == pytest.approx(single["top1_accuracy"])
@@ -172,6 +185,95 @@ def test_a_checkpoint_scores_the_same_on_val_read_from_shards_as_from_folders(tr
         assert sharded["summary"] == pytest.approx(folders["summary"], abs=1e-6), protocol
         on_folders, on_shards = (_predictions(tmp_path / f"{kind}-{name}") for kind in ("folders", "shards"))
         _assert_same_top5(_by_sample(on_folders), _by_sample(on_shards), abs=1e-5)
+
+
+def _sweep_rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / TABLE, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.slow
+def test_a_resolution_sweep_reports_each_size_and_the_card_s_as_the_single_evaluation(trained, single, tmp_path):
+    """One command, three val crops; crop_ratio null keeps the card's 32 of 36 (24 of 27, 40 of 45). At 32 px every
+    figure and every image's top-5 are the plain evaluation's; each size has its error analysis in <size>px/."""
+    run, cache = trained
+    ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
+    sweep = tmp_path / "sweep"
+    at_32 = run_eval(
+        *DATA_ONLY, ckpt, "resolutions=[24,32,40]", cache_dir=cache, run_dir=sweep, report="32px/report.json"
+    )
+    rows = _sweep_rows(sweep)
+    sizes = [(row["val_image_size"], row["val_resize_size"], row["input"]) for row in rows]
+    assert sizes == [("24", "27", "24x24"), ("32", "36", "32x32"), ("40", "45", "40x40")]  # what reached the model
+    folder, report = single
+    assert at_32 == report and (sweep / "32px" / PREDICTIONS).read_bytes() == (folder / PREDICTIONS).read_bytes()
+    assert float(rows[1]["top1"]) == pytest.approx(report["summary"]["top1_accuracy"], abs=1e-7)  # float32 of 12/60
+    for row in rows:
+        analysed = json.loads((sweep / f"{row['val_image_size']}px" / "report.json").read_text())["summary"]
+        assert float(row["top1"]) == pytest.approx(analysed["top1_accuracy"], abs=1e-7)
+    assert len({row["loss"] for row in rows}) == 3  # three different inputs
+    assert (sweep / PLOT).read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and (sweep / PLOT).stat().st_size > 1000
+    assert "| 40 | 45 | 40x40 |" in (sweep / "eval.log").read_text()  # the table in the log
+
+
+@pytest.mark.slow
+def test_a_resolution_sweep_reaches_the_dali_loader(trained, tmp_path: Path):
+    run, cache = trained
+    ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
+    sweep = tmp_path / "sweep"
+    options = ["data/loader=dali", "resolutions=[24,40]", "crop_ratio=0.75"]
+    run_eval(*DATA_ONLY, ckpt, *options, cache_dir=cache, run_dir=sweep, report="40px/report.json")
+    rows = _sweep_rows(sweep)
+    assert [(row["val_image_size"], row["val_resize_size"], row["input"]) for row in rows] == [
+        ("24", "32", "24x24"),
+        ("40", "53", "40x40"),
+    ]
+
+
+def _with_ema(run: Path, out: Path, change: Callable[[str, torch.Tensor], torch.Tensor]) -> Path:
+    """The run's last checkpoint with ``ema_net.*`` beside ``net.*``: ``change(network key, its tensor)``."""
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    state = checkpoint["state_dict"]
+    state |= {f"ema_net.{key[4:]}": change(key[4:], value.clone()) for key, value in state.items()}
+    torch.save(checkpoint, out)
+    return out
+
+
+def _constant_class_zero(key: str, value: torch.Tensor) -> torch.Tensor:
+    """A perturbed copy: the classifier's weights zeroed and its bias one-hot, so every image is class 0."""
+    if key == "fc.weight":
+        return torch.zeros_like(value)
+    return torch.eye(len(value))[0] if key == "fc.bias" else value
+
+
+@pytest.mark.slow
+def test_weights_ema_needs_a_run_with_ema_and_raw_ignores_it(trained, make_cfg, tmp_path: Path):
+    """The module (without EMA) loads a checkpoint with ``ema_net.*`` strictly, raw or ema; ema needs them."""
+    run, _ = trained
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    with pytest.raises(ValueError, match=r"holds no 'ema_net\.\*' weights: the run had no EMA \(model\.ema\)"):
+        chosen_weights(checkpoint["state_dict"], "ema", "last.ckpt")
+    partial = {**checkpoint["state_dict"], "ema_net.fc.bias": checkpoint["state_dict"]["net.fc.bias"]}
+    with pytest.raises(ValueError, match="not an EMA of its net"):
+        chosen_weights(partial, "ema", "partial.ckpt")
+    with_ema = torch.load(_with_ema(run, tmp_path / "ema.ckpt", lambda _, value: value + 1), weights_only=True)
+    module = build_module(make_cfg().model, checkpoint["model_card"]["classes"])
+    for weights, offset in (("raw", 0), ("ema", 1)):
+        module.load_state_dict(chosen_weights(with_ema["state_dict"], weights, "ema.ckpt"))  # strict
+        assert torch.equal(module.net.fc.bias, checkpoint["state_dict"]["net.fc.bias"] + offset), weights
+
+
+@pytest.mark.slow
+def test_weights_ema_evaluates_the_moving_average(trained, single, tmp_path: Path):
+    """ema_net = net: the plain evaluation's figures; ema_net a perturbed copy (every image class 0): its own."""
+    run, cache = trained
+    report = single[1]
+    copied = _with_ema(run, tmp_path / "copy.ckpt", lambda _, value: value)
+    same = run_eval(*DATA_ONLY, f"ckpt={copied}", "weights=ema", cache_dir=cache, run_dir=tmp_path / "copy")
+    assert same == report
+    perturbed = _with_ema(run, tmp_path / "perturbed.ckpt", _constant_class_zero)
+    other = run_eval(*DATA_ONLY, f"ckpt={perturbed}", "weights=ema", cache_dir=cache, run_dir=tmp_path / "perturbed")
+    assert other["summary"]["top1_accuracy"] == 15 / 60 != report["summary"]["top1_accuracy"]  # 15 images a class
 
 
 def test_error_analysis_figures():
