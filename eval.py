@@ -30,32 +30,26 @@ from callbacks.error_analysis import ErrorAnalysis
 from data.spec import ConfigError
 from loggers.quiet import quiet_libraries
 from models.card import ModelCard, configured_by_card
-from models.export import load_weights_only
+from models.export import PREFIXES, load_weights_only, network_state_dict
 
 log = logging.getLogger(__name__)
 
-NET, EMA = "net.", "ema_net."  # the module's network and, in a run with model.ema, its moving average
-WEIGHTS = ("raw", "ema")
 TABLE, PLOT = "resolutions.csv", "resolutions.png"
 COLUMNS = ("val_image_size", "val_resize_size", "input", "top1", "top5", "loss")
 
 
 def chosen_weights(state: dict[str, torch.Tensor], weights: str, path: str) -> dict[str, torch.Tensor]:
     """The checkpoint's ``state_dict`` as the module (without EMA) loads it: ``net.*`` as trained (``raw``) or
-    their moving average (``ema``: the checkpoint's ``ema_net.*``); every other key as saved, so that the strict
-    load still checks it."""
-    if weights not in WEIGHTS:
+    their moving average (``ema``: the checkpoint's ``ema_net.*``, models/export.py's rule); every other key as
+    saved, so that the strict load still checks it."""
+    if weights not in PREFIXES:
         raise ConfigError("weights", weights, "raw (as trained) or ema (their moving average: a run with model.ema)")
-    networks = {
-        which: {NET + key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
-        for which, prefix in zip(WEIGHTS, (NET, EMA))
-    }
-    if weights == "ema" and not networks["ema"]:
-        raise ValueError(f"weights=ema: {path} holds no 'ema_net.*' weights: the run had no EMA (model.ema)")
-    if weights == "ema" and networks["ema"].keys() != networks["raw"].keys():
-        raise ValueError(f"weights=ema: the 'ema_net.*' keys of {path} are not its 'net.*' keys: not an EMA of its net")
-    others = {key: value for key, value in state.items() if not key.startswith((NET, EMA))}
-    return others | networks[weights]
+    try:
+        network = network_state_dict({"state_dict": state}, weights)
+    except ValueError as error:
+        raise ValueError(f"weights={weights}: {path}: {error}") from None
+    others = {key: value for key, value in state.items() if not key.startswith(tuple(PREFIXES.values()))}
+    return others | {PREFIXES["raw"] + key: value for key, value in network.items()}
 
 
 def sweep_sizes(cfg: DictConfig, val_image_size: int, val_resize_size: int) -> list[tuple[int, int]]:

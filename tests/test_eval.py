@@ -251,10 +251,10 @@ def test_weights_ema_needs_a_run_with_ema_and_raw_ignores_it(trained, make_cfg, 
     """The module (without EMA) loads a checkpoint with ``ema_net.*`` strictly, raw or ema; ema needs them."""
     run, _ = trained
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    with pytest.raises(ValueError, match=r"holds no 'ema_net\.\*' weights: the run had no EMA \(model\.ema\)"):
+    with pytest.raises(ValueError, match=r"no 'ema_net\.\*' weights: its run kept no moving average .*\(model\.ema\)"):
         chosen_weights(checkpoint["state_dict"], "ema", "last.ckpt")
     partial = {**checkpoint["state_dict"], "ema_net.fc.bias": checkpoint["state_dict"]["net.fc.bias"]}
-    with pytest.raises(ValueError, match="not an EMA of its net"):
+    with pytest.raises(ValueError, match="not an EMA of this network"):
         chosen_weights(partial, "ema", "partial.ckpt")
     with_ema = torch.load(_with_ema(run, tmp_path / "ema.ckpt", lambda _, value: value + 1), weights_only=True)
     module = build_module(make_cfg().model, checkpoint["model_card"]["classes"])
