@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import numpy as np
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -55,4 +56,32 @@ def cosine(
 
     return LambdaLR(
         optimizer, partial(_factor, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs, shape=shape)
+    )
+
+
+def _per_epoch_interpolation(
+    step: int, steps_per_epoch: int, epochs: Sequence[float], factors: Sequence[float]
+) -> float:
+    """The piecewise-linear ``factors`` at ``epochs``, taken at whole epochs and interpolated over each epoch's steps
+    (FFCV's train loop: ``np.interp(arange(iters), [0, iters], [lr(epoch), lr(epoch + 1)])``)."""
+    epoch, within = divmod(step, steps_per_epoch)
+    start, end = np.interp([epoch, epoch + 1], epochs, factors)
+    return float(start + (end - start) * within / steps_per_epoch)
+
+
+def linear_ramp(
+    optimizer: Optimizer,
+    steps_per_epoch: int,
+    max_epochs: float,
+    peak_epoch: float = 2.0,
+    initial_fraction: float = 1e-4,
+    final_fraction: float = 0.0,
+) -> LambdaLR:
+    """FFCV's ImageNet schedule ("cyclic", ``get_cyclic_lr``): linear from ``initial_fraction`` of the base lr at
+    epoch 0 up to the base lr at ``peak_epoch``, then linear down to ``final_fraction`` of it at ``max_epochs``;
+    stepped per iteration as FFCV does (where ``peak_epoch`` is a whole number, the same function of the fractional
+    epoch)."""
+    epochs, factors = (0.0, peak_epoch, max_epochs), (initial_fraction, 1.0, final_fraction)
+    return LambdaLR(
+        optimizer, partial(_per_epoch_interpolation, steps_per_epoch=steps_per_epoch, epochs=epochs, factors=factors)
     )
