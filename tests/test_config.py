@@ -51,7 +51,7 @@ def test_resnet50_recipe(make_cfg):
 def test_resnet50_fast_recipe(make_cfg):
     cfg = make_cfg("experiment=resnet50_fast", "data.root=x")
     assert cfg.scheduler._target_ == "models.schedules.cosine" and cfg.scheduler.warmup_epochs > 0
-    assert cfg.model.label_smoothing == 0.1 and cfg.model.weight_decay_on_norm_and_bias is False
+    assert cfg.model.label_smoothing == 0.1 and cfg.model.no_weight_decay == "norm_and_bias"
     assert cfg.trainer.precision == "bf16-mixed" and cfg.model.channels_last
 
 
