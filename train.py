@@ -29,6 +29,7 @@ from runs.resume import resume_from
 from sweeps.summary import METRICS, refuse_subprocess_ddp_in_multirun
 
 log = logging.getLogger(__name__)
+VALIDATION = ("val/", "val_ema/")  # the final metrics a run returns and writes: its weights' and their moving average's
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -49,7 +50,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ckpt_path = resume_from(cfg.ckpt_path, trainer.default_root_dir, global_rank=trainer.global_rank)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never runs pickled code
         wandb_logger.finish(trainer)
-        metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
+        metrics = {
+            name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith(VALIDATION)
+        }
         if trainer.is_global_zero:  # what a sweep's summary reads (sweeps/summary.py)
             Path(cfg.paths.output_dir, METRICS).write_text(json.dumps(metrics, indent=1))
     return metrics

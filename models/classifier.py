@@ -104,7 +104,9 @@ class ImageClassifier(pl.LightningModule):
         self.ema_net = ema.average_of(self.net) if ema else None  # of the uncompiled network
         self.mixing = mixing(num_classes=len(card.classes)) if mixing else None
         if compile:  # in place: the state_dict keeps its keys, so checkpoints and exports are unchanged
-            self.net.compile()
+            # static shapes: one graph per distinct input (each size of a resolution ramp, val's size and its last
+            # partial batch), each with kernels for its shape, instead of one slower dynamic-shape graph
+            self.net.compile(dynamic=False)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_metrics = _accuracy_metrics(len(card.classes), "train/")

@@ -10,13 +10,13 @@ import torch
 import torchvision
 from hydra.utils import instantiate
 
-from assemble import instantiate_all, training_module
+from assemble import TrainingPlan, instantiate_all, training_module
 from models.classifier import ImageClassifier
 from models.zoo import ARCHITECTURES, build_net
 
 from .conftest import PROJECT_ROOT, SMALL_RUN, build_module, run_train
 
-EXPERIMENTS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "experiment").glob("[!_]*.yaml"))  # _*: their parts
 MODELS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "model").glob("[!_]*.yaml"))
 CLASSES = [f"n{i:08d}" for i in range(1000)]  # a class index of 1000 wnids
 ON_THIS_MACHINE = [] if torch.cuda.is_available() else ["trainer.accelerator=cpu"]
@@ -53,6 +53,46 @@ def test_resnet50_fast_recipe(make_cfg):
     assert cfg.scheduler._target_ == "models.schedules.cosine" and cfg.scheduler.warmup_epochs > 0
     assert cfg.model.label_smoothing == 0.1 and cfg.model.no_weight_decay == "norm_and_bias"
     assert cfg.trainer.precision == "bf16-mixed" and cfg.model.channels_last
+
+
+# libffcv/ffcv-imagenet rn50_configs/ and rn18_configs/: epochs -> (start_ramp, end_ramp)
+FFCV_RAMPS = {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 56: (41, 48), 88: (65, 76)}
+# arch -> (lr, batch per GPU, GPUs, weight decay) of its configs
+FFCV_OPTIMISATION = {"rn50": ("resnet50", 1.7, 512, 8, 1e-4), "rn18": ("resnet18", 0.5, 1024, 1, 5e-5)}
+
+
+@pytest.mark.parametrize("net", sorted(FFCV_OPTIMISATION))
+@pytest.mark.parametrize("epochs", sorted(FFCV_RAMPS))
+def test_ffcv_configs_follow_theirs(make_cfg, net: str, epochs: int):
+    """Every key of FFCV's config file, in this project's terms; its lr for its global batch is the per-256 rate
+    scaled back to that batch."""
+    cfg = make_cfg(f"experiment=ffcv_{net}_{epochs}", "data.root=x")
+    arch, lr, batch, gpus, weight_decay = FFCV_OPTIMISATION[net]
+    plan = TrainingPlan(cfg.optimizer.lr, cfg.lr_reference_batch, cfg.data.batch_size, gpus, 1, steps_per_epoch=1)
+    assert (cfg.model.net.arch, plan.lr, cfg.data.batch_size) == (arch, pytest.approx(lr), batch)
+    assert (cfg.optimizer.momentum, cfg.optimizer.weight_decay, cfg.trainer.max_epochs) == (0.9, weight_decay, epochs)
+    ramp = instantiate(cfg.data.resolution)
+    assert (ramp.start_size, ramp.end_size, ramp.multiple) == (160, 192, 32)
+    assert (ramp.start_epoch, ramp.end_epoch) == FFCV_RAMPS[epochs]
+    spec = instantiate(cfg.data.spec)
+    assert (spec.image_size, spec.val_image_size, spec.val_resize_size) == (192, 256, 292)
+    assert cfg.scheduler._target_ == "models.schedules.linear_ramp" and cfg.scheduler.peak_epoch == 2
+    assert (cfg.scheduler.initial_fraction, cfg.scheduler.final_fraction) == (1e-4, 0.0)
+    assert cfg.model.label_smoothing == 0.1 and cfg.model.net.blurpool == "ffcv"
+    assert cfg.model.no_weight_decay == "ffcv_bn_names" and cfg.model.test_time_flip
+
+
+def test_torchvision_v2_recipe(make_cfg):
+    cfg = make_cfg("experiment=tv_resnet50_v2", "data.root=x")
+    plan = TrainingPlan(cfg.optimizer.lr, cfg.lr_reference_batch, cfg.data.batch_size, 8, 1, steps_per_epoch=1)
+    assert (plan.lr, cfg.optimizer.weight_decay, cfg.trainer.max_epochs) == (0.5, 2e-5, 600)
+    spec = instantiate(cfg.data.spec)
+    assert (spec.image_size, spec.val_image_size, spec.val_resize_size) == (176, 224, 232)
+    assert (spec.auto_augment, spec.random_erasing) == ("trivial_augment_wide", 0.1)
+    assert (cfg.model.mixing.mixup_alpha, cfg.model.mixing.cutmix_alpha, cfg.model.label_smoothing) == (0.2, 1.0, 0.1)
+    assert cfg.model.no_weight_decay == "norm" and cfg.model.ema.every_n_steps == 32
+    assert cfg.model.ema.decay == pytest.approx(1 - (1 - 0.99998) * 8 * 128 * 32 / 600, abs=1e-6)
+    assert cfg.data.loader.repeated_augmentations == 4 and cfg.scheduler.warmup_epochs == 5
 
 
 GPU_TRAINERS = ("gpu", "ddp", "slurm")
@@ -96,7 +136,7 @@ def test_classes_come_from_the_data(make_cfg, small_demo_root):
         p.name for p in (small_demo_root / "train").iterdir()
     )
     assert module.card.image_spec == datamodule.spec and module.card.image_spec.image_size == 64  # the demo's
-    assert module.card.architecture == {"arch": "resnet18", "zero_init_residual": False}
+    assert module.card.architecture == {"arch": "resnet18", "zero_init_residual": False, "blurpool": None}
 
 
 def test_zero_init_residual_and_channels_last(make_cfg):
