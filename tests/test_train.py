@@ -131,3 +131,28 @@ def test_missing_data_root_is_named_from_the_command_line(tmp_path: Path):
     result = run_train("data=imagenet", "data.root=/no/such/ILSVRC2012", cache_dir=tmp_path, run_dir=tmp_path / "run")
     assert result.returncode != 0
     assert "data root /no/such/ILSVRC2012 does not exist or is not a directory" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_fast_recipe_switches_still_learn(make_cfg, tmp_path: Path):
+    """experiment=demo_fast, shrunk: progressive resizing, BlurPool, label smoothing, the linear ramp, no decay on
+    batch norm, test-time flip, EMA, MixUp/CutMix and TrivialAugment in DALI, all at once, still learn 4 classes
+    (chance: 0.25), and the EMA is validated beside the raw weights."""
+    small = [override.replace("experiment=demo", "experiment=demo_fast") for override in LEARN]
+    metrics = train(
+        make_cfg(
+            *small,
+            "data/loader=dali",
+            "data.spec.val_image_size=56",
+            "data.spec.val_resize_size=64",
+            "data.resolution.start_size=32",
+            "data.resolution.start_epoch=2",
+            "data.resolution.end_epoch=5",
+            "model.ema.decay=0.9",
+            "scheduler.peak_epoch=1",
+            "trainer.max_epochs=12",
+        )
+    )
+    assert metrics["val/acc1"] >= 0.45, f"chance is 0.25 on 4 classes; got {metrics}"
+    assert metrics["val_ema/acc1"] > 0.3 and "val_ema/loss" in metrics
+    assert len(_epoch_rows(tmp_path / "run")) == 12
