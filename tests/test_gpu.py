@@ -241,6 +241,28 @@ def test_compiled_training_compiles_each_mode_once(make_cfg):
     assert counts.at_end <= 3, f"{counts.at_end} graphs compiled (TORCH_LOGS=recompiles says why)"
 
 
+@pytest.mark.gpu
+def test_a_compiled_ramp_with_gpu_augmentation_compiles_once_per_size(make_cfg):
+    """Progressive resizing 16 -> 32 px over epochs 0..2 (sizes 16, 16, 32, 32), DALI decoding on the GPU with
+    TrivialAugment and random erasing in the pipeline, model.compile=true: one graph per distinct input (train at
+    16 and at 32, eval at the val size and its partial last batch), none after the ramp ends."""
+    torch._dynamo.reset()
+    ramp = ["_target_=data.resolution.ResolutionRamp", "start_size=16", "end_size=32", "start_epoch=1",
+            "end_epoch=2", "multiple=16"]  # fmt: skip
+    run = [*SMALL_RUN, *MIXED, *GPU, "model.compile=true", "model.channels_last=true", "trainer.max_epochs=4",
+           "data.spec.auto_augment=trivial_augment_wide", "data.spec.random_erasing=0.5",
+           *(f"+data.resolution.{entry}" for entry in ramp)]  # fmt: skip
+    start = time.perf_counter()
+    train(make_cfg(*run, "data.root.val_per_class=13", "+callbacks.compiles._target_=tests.test_gpu.CompileCounts"))
+    counts = CompileCounts.last
+    seconds = round(time.perf_counter() - start, 1)
+    report(
+        "compile_ramp", {"graphs_at_epoch_start": counts.at_epoch_start, "graphs": counts.at_end, "seconds": seconds}
+    )
+    assert counts.at_end == counts.at_epoch_start[3], "an epoch after the ramp recompiled"
+    assert counts.at_end <= 4, f"{counts.at_end} graphs for 2 train sizes and one val size (TORCH_LOGS=recompiles)"
+
+
 def _real_jpegs() -> list[str]:
     folder = Path(os.environ.get("GPU_CHECK_JPEGS") or SHARED_DATA / "imagenet-samples")
     files = sorted(str(p) for p in folder.glob("*") if p.suffix.lower() in (".jpeg", ".jpg")) if folder.is_dir() else []
