@@ -23,6 +23,7 @@ __all__ = [
     "WRITTEN_FOR",
     "UnrepeatedDistributedSampler",
     "advance_rich_bar",
+    "dynamo_compilations",
     "hpc_checkpoint_path",
     "refresh_rich_bar_metrics",
     "rich_bar_render_lock",
@@ -37,6 +38,28 @@ def trained_batches_in_epoch(trainer: pl.Trainer) -> int:
     """Batches of the current epoch already trained, as the fit loop restored them from a checkpoint: what a loader
     that resumes in mid-epoch must skip (the loop's progress counters are not public)."""
     return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+
+def dynamo_compilations() -> list[dict]:
+    """Each frame TorchDynamo compiled in this process (its last 64), oldest first: the compile id (``frame/n``: the
+    n-th compilation of that frame), the function, the guard that failed and made it compile again (None the first
+    time), the frame's compile seconds (a training graph's backward compiles later, at its first backward) and its
+    failure (None: it compiled). torch has no public count of compilations: these are the records of
+    ``torch._dynamo.utils.get_compilation_metrics`` (read in torch 2.14.1), less those of the backward graphs, which
+    name no function."""
+    from torch._dynamo.utils import get_compilation_metrics  # imports dynamo: only when asked
+
+    return [
+        {
+            "id": record.compile_id,
+            "function": record.co_name,
+            "recompile_reason": record.recompile_reason,
+            "seconds": record.entire_frame_compile_time_s,
+            "failure": record.fail_type,
+        }
+        for record in get_compilation_metrics()
+        if record.co_name is not None
+    ]
 
 
 def hpc_checkpoint_path(folder: str | os.PathLike) -> str:

@@ -3,7 +3,8 @@
 # machine's decode ceiling (benchmarks/data_pipelines.py) while `nvidia-smi dmon` records the JPEG engine's use,
 # then the benchmark suite (benchmarks/suite.py: data alone, synthetic compute ceiling, trainer end to end, plain
 # loop) for ResNet-50, ResNet-18, VGG-16 and AlexNet with bf16, channels_last, fused SGD and DALI decoding on the
-# GPU. Sized for 8 minutes on an H200.
+# GPU; benchmarks/time_to_accuracy.py for ResNet-50 (img/s at 160, 192 and 224 px, the step-time cost of EMA and of
+# MixUp/CutMix, and TorchDynamo's compilations through a compiled 160-192-224 ramp). Sized for 8 minutes on an H200.
 #
 #   bash scripts/gpu_check.sh OUT_DIR JPEG_DIR             # on a GPU machine
 #   bash scripts/gpu_check.sh OUT_DIR JPEG_DIR --dry-run   # the same steps on the CPU at toy sizes (a test runs it)
@@ -14,10 +15,12 @@
 # sends back.
 #
 # Steps, in order: wheels (where DALI or Hydra does not import, installs the parts that scripts/stage_wheels.sh
-# staged, collected in $STAGE, to /tmp/site), jpegs, env, pytest, data-pipelines, resnet50, resnet50-data-hw0.9,
-# resnet18, vgg16, alexnet, resnet50-compiled. Each runs under `timeout` with its own limit and writes
-# OUT_DIR/<step>.log; its result (status, seconds, key figures or its log's tail) is appended to OUT_DIR/summary.md
-# as soon as it ends, so a hang or a kill keeps what finished.
+# staged, collected in $STAGE, to /tmp/site), jpegs, env, pytest, data-pipelines, resnet50, time-to-accuracy,
+# resnet50-data-hw0.9, resnet18, vgg16, alexnet, resnet50-compiled, time-to-accuracy-compiles (about 4 first
+# compilations of ResNet-50, minutes: last, where the budget may have run out; GPU_CHECK_STEPS selects it alone).
+# Each runs under `timeout` with its own limit and writes OUT_DIR/<step>.log; its result (status, seconds, key
+# figures or its log's tail) is appended to OUT_DIR/summary.md as soon as it ends, so a hang or a kill keeps what
+# finished.
 # Environment: GPU_CHECK_BUDGET (seconds for the whole check, default 450: a step gets at most what is left, and
 # none under 15 s), GPU_CHECK_LIMITS="step=seconds ..." (other limits), GPU_CHECK_STEPS=step,... (only these;
 # wheels and jpegs always run), STAGE (default /tmp/stage), PYTHON.
@@ -48,7 +51,8 @@ work=$(mktemp -d)  # the linked JPEGs and caches: not in OUT_DIR
 export python stage site out work
 export GPU_CHECK_JPEGS=$jpeg_dir GPU_CHECK_OUT=$out/gpu-tests  # what the GPU tests read, and where they report
 
-steps=(wheels jpegs env pytest data-pipelines resnet50 resnet50-data-hw0.9 resnet18 vgg16 alexnet resnet50-compiled)
+steps=(wheels jpegs env pytest data-pipelines resnet50 time-to-accuracy resnet50-data-hw0.9 resnet18 vgg16 alexnet
+  resnet50-compiled time-to-accuracy-compiles)
 # only the files that hold gpu-marked tests: another file's import error (matplotlib is absent on the lent
 # machine) would stop the run before any GPU test (tests/test_gpu_check.py keeps this list complete)
 gpu_test_files=(tests/test_gpu.py tests/test_dali.py tests/test_shard_loading.py tests/test_train.py tests/test_speed.py tests/test_log_start.py)
@@ -60,18 +64,21 @@ if [[ $mode == dry-run ]]; then  # every step, at sizes a 2-core CPU runs in a f
   batches=(resnet50=4 resnet18=8 vgg16=2 alexnet=8)
   copies=1
   pipelines=(--threads 1 --batch 8 --epochs 1 --repeats 1)
+  tta=(--sizes 32,48,64 --repeats 1 --warmup 1 --windows 2 --window-steps 2)
   budget=${GPU_CHECK_BUDGET:-3000}
-  limit+=([pytest]=300 [data-pipelines]=300 [resnet50]=300 [resnet50-data-hw0.9]=300 [resnet18]=300 [vgg16]=300
-    [alexnet]=300 [resnet50-compiled]=300)
+  limit+=([pytest]=300 [data-pipelines]=300 [resnet50]=300 [time-to-accuracy]=300 [resnet50-data-hw0.9]=300
+    [resnet18]=300 [vgg16]=300 [alexnet]=300 [resnet50-compiled]=300 [time-to-accuracy-compiles]=300)
 else  # limits: what each step takes on an H200 and some room; a stuck step costs its limit, not the budget
   bench_steps=(--warmup 10 --windows 5 --window-steps 10)
   device=()
   batches=(resnet50=256 resnet18=256 vgg16=128 alexnet=512)
   copies=12
   pipelines=(--epochs 2 --repeats 3)
+  # 5 trainer runs (160, 192, 224 px, 224 with EMA, with mixing) of 20 steps per round, 2 rounds: ~10 s a run
+  tta=(--sizes 160,192,224 --repeats 2 --warmup 5 --windows 3 --window-steps 5)
   budget=${GPU_CHECK_BUDGET:-450}
-  limit+=([pytest]=210 [data-pipelines]=90 [resnet50]=90 [resnet50-data-hw0.9]=45 [resnet18]=60 [vgg16]=75
-    [alexnet]=60 [resnet50-compiled]=120)
+  limit+=([pytest]=210 [data-pipelines]=90 [resnet50]=90 [time-to-accuracy]=120 [resnet50-data-hw0.9]=45
+    [resnet18]=60 [vgg16]=75 [alexnet]=60 [resnet50-compiled]=120 [time-to-accuracy-compiles]=240)
 fi
 for entry in ${GPU_CHECK_LIMITS:-}; do
   [[ -v "limit[${entry%%=*}]" ]] || { echo "GPU_CHECK_LIMITS: no step ${entry%%=*} (steps: ${steps[*]})" >&2; exit 2; }
@@ -139,6 +146,8 @@ figures() {  # figures NAME: the key lines of a step that ended
         if [[ -e $report ]]; then echo "- $(basename "$report" .json): $(cat "$report")"; fi
       done ;;
     data-pipelines) printf '```\n%s\n```\n' "$(tail -8 "$log")" ;;
+    time-to-accuracy*)
+      if [[ -s $out/$1/time_to_accuracy.md ]]; then cat "$out/$1/time_to_accuracy.md"; else tail -5 "$log"; fi ;;
     *) if [[ -s $out/$1/bench.md ]]; then cat "$out/$1/bench.md"; else tail -5 "$log"; fi ;;
   esac
   if [[ $dmon_steps == *" $1 "* ]]; then printf '\n'; dmon "$1"; fi
@@ -249,6 +258,9 @@ declare -A batch
 for entry in "${batches[@]}"; do batch[${entry%=*}]=${entry#*=}; done
 resnet50=(experiment=resnet50_fast data.batch_size="${batch[resnet50]}")
 bench resnet50 "${resnet50[@]}"
+# img/s per size, EMA's and mixing's costs (the compilations: the last step)
+step time-to-accuracy "$python" -m benchmarks.time_to_accuracy --out "$out/time-to-accuracy" "${tta[@]}" \
+  --only sizes,costs "${resnet50[@]}" "${common[@]}"
 bench resnet50-data-hw0.9 --only data "${resnet50[@]}" data.loader.hw_decoder_load=0.9
 bench resnet18 experiment=resnet50_fast model=resnet18 data.batch_size="${batch[resnet18]}"
 bench vgg16 experiment=vgg16 data.batch_size="${batch[vgg16]}"
@@ -257,6 +269,13 @@ if [[ $mode == dry-run && $selected == *" resnet50-compiled "* ]]; then  # a CPU
   printf '\n## resnet50-compiled: skipped (dry run: compiling ResNet-50 takes minutes on a CPU)\n' >>"$summary"
 else  # torch.compile's time and gain
   bench resnet50-compiled --only synthetic "${resnet50[@]}" model.compile=true
+fi
+if [[ $mode == dry-run && $selected == *" time-to-accuracy-compiles "* ]]; then  # as above (tests/test_bench.py
+  # counts them on the CPU with ResNet-18 at toy sizes)
+  printf '\n## time-to-accuracy-compiles: skipped (dry run: compiling ResNet-50 takes minutes on a CPU)\n' >>"$summary"
+else  # 2 train batches and 1 val batch per size: the compilations, not the speed
+  step time-to-accuracy-compiles "$python" -m benchmarks.time_to_accuracy --out "$out/time-to-accuracy-compiles" \
+    "${tta[@]}" --only compiles --compile-batches 2 "${resnet50[@]}" "${common[@]}"
 fi
 
 printf '\n**Done** in %s s; failed, timed out or skipped for the budget: %s\n' "$SECONDS" "${failed[*]:-none}" \

@@ -68,6 +68,48 @@ def test_suite_measures_all_four_and_writes_json_and_table(tmp_path: Path, cache
     assert all(f"| {name} |" in table for name in MEASUREMENTS)
 
 
+@pytest.mark.slow
+def test_time_to_accuracy_measures_each_size_both_costs_and_the_compilations(tmp_path: Path, cache_dir: Path):
+    """benchmarks/time_to_accuracy.py at toy sizes: a row per size, per cost and per compilation, in its JSON and
+    table; the compiled ramp (train 32 px, eval 64 px, train 64 px) compiles the network at most once per input."""
+    out = tmp_path / "tta"
+    command = [
+        sys.executable, "-m", "benchmarks.time_to_accuracy", "--out", str(out), "--sizes", "32,64", "--repeats", "2",
+        "--warmup", "1", "--windows", "2", "--window-steps", "2", "--compile-batches", "1",
+        f"paths.cache_dir={cache_dir}", *SMALL_RUN, "data.batch_size=4",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "time_to_accuracy.json").read_text())
+    assert (report["config"]["model"], report["config"]["batch"], report["config"]["device"]) == ("resnet18", 4, "cpu")
+    assert list(report["runs"]) == ["32", "ema", "64", "mixing"]  # the baseline between its variants
+    assert all(len(runs) == 2 and all(run["timed_steps"] == 4 for run in runs) for runs in report["runs"].values())
+    assert list(report["sizes"]) == ["32", "64"]
+    for row in report["sizes"].values():
+        assert row["images_per_s"]["median"] > 0 and len(row["of_pixel_scaling"]["rounds"]) == 2
+    assert report["sizes"]["64"]["of_pixel_scaling"]["rounds"] == [1.0, 1.0]
+    small, large = (report["sizes"][size]["images_per_s"]["rounds"] for size in ("32", "64"))
+    expected = [rate / (big * (64 / 32) ** 2) for rate, big in zip(small, large)]
+    assert report["sizes"]["32"]["of_pixel_scaling"]["rounds"] == pytest.approx(expected)
+    costs = report["costs"]
+    assert costs["size"] == 64
+    for name in ("ema", "mixing"):  # alone_ms: the module had an average / a mixing to time
+        assert len(costs[name]["cost"]["rounds"]) == 2 and costs[name]["alone_ms"]["min"] > 0, name
+    assert costs["ema"]["overrides"] == ["model.ema.decay=0.9999", "model.ema.every_n_steps=1"]
+    compiles = report["compiles"]
+    assert compiles["inputs"] == [
+        {"mode": "train", "shape": [4, 3, 32, 32]},
+        {"mode": "eval", "shape": [4, 3, 64, 64]},
+        {"mode": "train", "shape": [4, 3, 64, 64]},
+    ]
+    assert 1 <= compiles["compilations"] <= compiles["distinct_inputs"] == 3 and compiles["at_most_one_per_input"]
+    assert all(record["function"] == "forward" and record["failure"] is None for record in compiles["records"])
+    assert compiles["records"][0]["recompile_reason"] is None and compiles["fit_seconds"] > 0
+    table = (out / "time_to_accuracy.md").read_text()
+    rows = ["| 32 px |", "| 64 px |", "| 64 px + EMA", "| 64 px + MixUp", "| 0/0 | forward |"]
+    assert all(row in table for row in rows) and table in done.stdout + "\n"
+
+
 def test_jpeg_set_links_real_samples_into_the_ilsvrc_layout(tmp_path: Path):
     samples = sorted((SHARED_DATA / "imagenet-samples").glob("*.JPEG"))[:3]
     if not samples:

@@ -28,12 +28,15 @@ STEPS = [
     "pytest",
     "data-pipelines",
     "resnet50",
+    "time-to-accuracy",
     "resnet50-data-hw0.9",
     "resnet18",
     "vgg16",
     "alexnet",
     "resnet50-compiled",
+    "time-to-accuracy-compiles",
 ]
+COMPILED = ["resnet50-compiled", "time-to-accuracy-compiles"]  # skipped in a dry run
 PIPELINES = [
     "decode ceiling",
     "torchvision classic",
@@ -87,8 +90,8 @@ def test_dry_run_runs_every_step_and_records_each_in_the_summary(tmp_path: Path)
     summary = (out / "summary.md").read_text()
     results = entries(summary)
     assert list(results) == STEPS  # one entry per step, in order
-    assert all(re.fullmatch(r"ok, \d+ s", results[step]) for step in STEPS[:-1]), results
-    assert results["resnet50-compiled"].startswith("skipped (dry run")
+    assert all(re.fullmatch(r"ok, \d+ s", results[step]) for step in STEPS if step not in COMPILED), results
+    assert all(results[step].startswith("skipped (dry run") for step in COMPILED), results
     assert f"JPEG_DIR {jpegs}: 1000 JPEGs" in summary and "**Done** in" in summary and ": none\n" in summary
     assert "nvidia-smi: not found" in summary and "versions: python" in summary  # the env step's figures
     assert "dmon: not recorded (no nvidia-smi here)" in summary
@@ -103,6 +106,17 @@ def test_dry_run_runs_every_step_and_records_each_in_the_summary(tmp_path: Path)
         assert all(r["images_per_s"] > 0 and r["timed_steps"] == 4 for r in report["results"].values())
         assert report["trainer_vs_loop"] > 0
         assert (out / model / "bench.md").read_text() in summary
+    tta = json.loads((out / "time-to-accuracy" / "time_to_accuracy.json").read_text())
+    config = tta["config"]
+    assert (config["model"], config["batch"], config["data_loader"], config["channels_last"], config["rounds"]) == (
+        "resnet50", 4, "DaliLoaders", True, 1,
+    )  # fmt: skip
+    assert list(tta["runs"]) == ["32", "48", "ema", "64", "mixing"]
+    assert all(len(runs) == 1 and runs[0]["timed_steps"] == 4 for runs in tta["runs"].values())
+    assert list(tta["sizes"]) == ["32", "48", "64"]
+    assert list(tta["costs"]) == ["size", "baseline_images_per_s", "ema", "mixing"]
+    assert all(tta["costs"][name]["alone_ms"]["median"] > 0 for name in ("ema", "mixing")) and "compiles" not in tta
+    assert (out / "time-to-accuracy" / "time_to_accuracy.md").read_text() in summary
     hw = json.loads((out / "resnet50-data-hw0.9" / "bench.json").read_text())
     assert list(hw["results"]) == ["data"] and hw["resolved_config"]["data"]["loader"]["hw_decoder_load"] == 0.9
     pipelines = json.loads((out / "data-pipelines.json").read_text())
