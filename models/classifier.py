@@ -14,13 +14,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from models.card import CARD, ModelCard
 from models.ema import WeightEMA
+from models.export import PREFIXES
 from models.mixing import BatchMixing
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 MixingFactory = Callable[..., BatchMixing | None]
 NoWeightDecay = Literal["norm", "norm_and_bias", "ffcv_bn_names"]
-NET, EMA_NET = "net.", "ema_net."  # the state_dict's prefixes: the network and its moving average (models/export.py)
+NET, EMA_NET = PREFIXES["raw"], PREFIXES["ema"]  # the state_dict's prefixes: the network, its moving average
 # Normalisation layers by type, as torchvision's reference (``--norm-weight-decay``): every BatchNorm (SyncBatchNorm
 # too), InstanceNorm, GroupNorm, LayerNorm and RMSNorm.
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
