@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
 
 VARIANTS = ("ffcv", "composer")
 MIN_CHANNELS = 16  # both recipes leave the stem (3 input channels) alone
@@ -67,11 +66,15 @@ class MaxBlurPool2d(nn.Module):
         return blur(self.pool(x), self.blur_filter.expand(x.shape[1], -1, -1, -1), stride=self.stride)
 
 
+def _largest(stride: int | tuple[int, ...]) -> int:
+    return max(stride) if isinstance(stride, tuple) else stride
+
+
 def _blurred(module: nn.Module, variant: str) -> nn.Module | None:
     """``module``'s BlurPool replacement under ``variant``, or None where the variant leaves it alone."""
     if isinstance(module, nn.Conv2d) and max(module.stride) > 1 and module.in_channels >= MIN_CHANNELS:
         return BlurPoolConv2d(module)
-    if variant == "composer" and isinstance(module, nn.MaxPool2d) and max(_pair(module.stride)) > 1:
+    if variant == "composer" and isinstance(module, nn.MaxPool2d) and _largest(module.stride) > 1:
         return MaxBlurPool2d(module)
     return None
 

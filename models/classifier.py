@@ -24,7 +24,10 @@ NoWeightDecay = Literal["norm", "norm_and_bias", "ffcv_bn_names"]
 NET, EMA_NET = PREFIXES["raw"], PREFIXES["ema"]  # the state_dict's prefixes: the network, its moving average
 # Normalisation layers by type, as torchvision's reference (``--norm-weight-decay``): every BatchNorm (SyncBatchNorm
 # too), InstanceNorm, GroupNorm, LayerNorm and RMSNorm.
-NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+NORM_LAYERS = (
+    *(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
+    *(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm),
+)
 
 
 def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
