@@ -2,31 +2,34 @@
 the per-step cost of a moving average of the weights and of MixUp/CutMix, and how often ``model.compile`` compiles
 the network through a ramp.
 
-    python -m benchmarks.time_to_accuracy [--out DIR] [--sizes 160,192,224] [--repeats 4] [--warmup 2] [--windows 3]
+    python -m benchmarks.time_to_accuracy [--out DIR] [--sizes 160,192,224] [--repeats 4] [--warmup 2] [--windows 4]
                                           [--window-steps 3] [--only sizes,costs,compiles] [--compile-batches 2]
                                           [hydra overrides ...]
 
 Each run is benchmarks/suite.py's ``trainer`` measurement (this project's Lightning trainer end to end from the JPEG
 files, the configured callbacks and loggers; images/s of timed windows after a warmup) of the configuration the
 overrides make; without an ``experiment=`` override: ``experiment=demo data.batch_size=8``, ResNet-18 on the demo's
-JPEGs, whose steps at 224 px take about 3 s on 2 CPU cores (ResNet-50: 7 s; the demo's batch of 50: 17 s).
+JPEGs: about 0.6 s a step at 224 px on the 2-core development VM, so that a round of the five runs takes about a
+minute (ResNet-50 has 2.3x its FLOPs, the demo's batch of 50 6x its images).
 
 - ``sizes``: images/s at each of ``--sizes`` against what the pixel count promises, images/s(r) / (images/s(L) x
-  (L / r)^2) with L the largest size: 1 where a step's whole cost grows with the pixels.
-- ``costs``: at the largest size, with ``model.ema`` (decay 0.9999 after every step: the worst case) and with
-  ``model.mixing`` (MixUp 0.2, CutMix 1.0, one of the two per batch), against the same run without: the step-time
-  cost, images/s without / images/s with - 1. Each is also timed alone on the trained module (one EMA update, one
-  mixing of the run's last batch), a figure the machine's noise blurs far less.
+  (L / r)^2) with L the largest size, taken within a round: 1 where a step's whole cost grows with the pixels.
+- ``costs``: at the largest size, a run with ``model.ema`` (decay 0.9999 after every step: the worst case) and one
+  with ``model.mixing`` (MixUp 0.2, CutMix 1.0, one of the two per batch), each switched off in every other pair of
+  timed windows (off, on, on, off, ...): the step-time cost, the on windows' step time over the off windows' - 1,
+  within one process, loader and moment: separate runs of one configuration differed by 5-10% on the 2 shared
+  cores of the development VM, more than the 3% to be told apart.
+  Each is also timed alone on the trained module (one EMA update, one mixing of the run's last batch).
 - ``compiles``: ``model.compile=true`` through a ``data.resolution`` ramp over ``--sizes`` (one epoch per size,
   ``--compile-batches`` train batches and one val batch each): TorchDynamo's compilations of the network
   (``compat.dynamo_compilations``) against the distinct inputs it was given (train or eval, batch shape), with the
   guard that made each compile again. Inductor's cache is a new folder (TORCHINDUCTOR_CACHE_DIR is set to it), so
   the seconds are those of a first run.
 
-Every configuration runs once per round, the rounds in ABBA order (every other one reversed, the baseline between
-its two variants), so a drift in the machine's speed falls on both sides of each comparison; ratios are taken within
-a round and reported as the median, min and max over the rounds. Writes ``DIR/time_to_accuracy.json`` and a table
-(``DIR/time_to_accuracy.md``, also printed) after each section, so a run cut short keeps what it measured.
+Every run once per round, every other round in reverse order, so that a drift in the machine's speed falls on both
+sides of the size ratios; ratios and costs are reported as the median, min and max over the rounds. Writes
+``DIR/time_to_accuracy.json`` and a table (``DIR/time_to_accuracy.md``, also printed) after each round and section,
+so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from data.resolution import ResolutionRamp
 
 SECTIONS = ("sizes", "costs", "compiles")
 DEMO = ["experiment=demo", "data.batch_size=8"]
-VARIANTS = {  # name: (overrides, what the table calls it)
+FEATURES = {  # the module's attribute: (the overrides that set it, what the table calls it)
     "ema": (["model.ema.decay=0.9999", "model.ema.every_n_steps=1"], "EMA (decay 0.9999, every step)"),
     "mixing": (["model.mixing.mixup_alpha=0.2", "model.mixing.cutmix_alpha=1.0"], "MixUp 0.2 / CutMix 1.0"),
 }
@@ -72,14 +75,32 @@ def ramp_of(sizes: list[int]) -> ResolutionRamp:
     return ramp
 
 
-class LastBatch(pl.Callback):
-    """The last train batch as the step got it (on the device, normalised, before mixing)."""
+def switched_on(window: int) -> bool:
+    """Whether a feature is on in timed window ``window`` (from 0) of a cost run: off, on, on, off, off, on, ..."""
+    return window % 4 in (1, 2)
 
-    def __init__(self) -> None:
-        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+class Switch(pl.Callback):
+    """Sets the module's ``feature`` (``ema`` or ``mixing``) to None in the timed windows ``switched_on`` leaves off
+    (on through the warmup), and back at the end; records which steps had it (``on``) and keeps the last train batch,
+    for timing the mixing alone."""
+
+    def __init__(self, feature: str, warmup: int, window_steps: int) -> None:
+        self.feature, self.warmup, self.window_steps = feature, warmup, window_steps
+        self.kept, self.batch, self.on = None, None, []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.kept = getattr(pl_module, self.feature)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = len(self.on)
+        on = step < self.warmup or switched_on((step - self.warmup) // self.window_steps)
+        setattr(pl_module, self.feature, self.kept if on else None)
         self.batch = batch
+        self.on.append(getattr(pl_module, self.feature) is not None)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        setattr(pl_module, self.feature, self.kept)
 
 
 def time_alone(setup: Setup, work: Callable[[int], object], calls: int = 10) -> float:
@@ -94,31 +115,34 @@ def time_alone(setup: Setup, work: Callable[[int], object], calls: int = 10) -> 
     return 1000 * (time.perf_counter() - start) / calls
 
 
-def alone_ms(setup: Setup, variant: str) -> float:
+def alone_ms(setup: Setup, switch: Switch) -> float:
     """One EMA update, or one mixing of the run's last batch, on the module the run trained."""
-    module = setup.module
-    if variant == "ema":
-        return time_alone(setup, lambda i: module.ema.update(module.ema_net, module.net))
-    last = next(c for c in setup.trainer.callbacks if isinstance(c, LastBatch))
-    images, labels = last.batch
-    return time_alone(setup, lambda i: module.mixing(images, labels, key=(0, i, 0)))
+    module, kept = setup.module, switch.kept
+    if switch.feature == "ema":
+        return time_alone(setup, lambda i: kept.update(module.ema_net, module.net))
+    images, labels = switch.batch
+    return time_alone(setup, lambda i: kept(images, labels, key=(0, i, 0)))
 
 
 def measure_round(
     overrides: list[str], run_dir: str, runs: dict[str, list[str]], reverse: bool, timing: dict[str, int], results: dict
 ) -> str:
-    """Each run of ``runs`` once, in reverse order if asked, its summary (benchmarks.suite.summarise, with
-    ``alone_ms`` for the EMA and mixing runs) appended to ``results[name]``; the device they ran on."""
+    """Each run of ``runs`` once, in reverse order if asked, its summary (benchmarks.suite.summarise; a cost run's
+    with ``alone_ms``) appended to ``results[name]``; the device they ran on."""
     steps = timing["warmup"] + timing["windows"] * timing["window_steps"]
     for name in list(runs)[::-1] if reverse else list(runs):
         cfg = compose_config([*overrides, *runs[name]], run_dir)
-        if name == "mixing":
+        if name in FEATURES:  # a Switch of this module (``__main__`` when run with -m), as Hydra instantiates it
+            switch = {"_target_": f"{Switch.__module__}.Switch", "feature": name, "warmup": timing["warmup"]}
             with open_dict(cfg):
-                cfg.callbacks = OmegaConf.merge(cfg.callbacks or {}, {"last_batch": {"_target_": _qualname()}})
+                cfg.callbacks = OmegaConf.merge(
+                    cfg.callbacks or {}, {"switch": {**switch, "window_steps": timing["window_steps"]}}
+                )
         setup, clock = measure_trainer(cfg, steps)
         result = summarise([clock], setup.batch, **timing)
-        if name in VARIANTS:
-            result["alone_ms"] = alone_ms(setup, name)
+        if name in FEATURES:
+            switch = next(c for c in setup.trainer.callbacks if isinstance(c, Switch))
+            result |= {"on_in_timed_steps": switch.on[timing["warmup"] :], "alone_ms": alone_ms(setup, switch)}
         results.setdefault(name, []).append(result)
         device = str(setup.device)
         del setup
@@ -128,48 +152,49 @@ def measure_round(
     return device
 
 
-def _qualname() -> str:
-    """LastBatch as Hydra instantiates it: from this module, ``__main__`` when run with -m."""
-    return f"{LastBatch.__module__}.{LastBatch.__qualname__}"
-
-
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
 
 
-def throughput_sections(results: dict[str, list[dict]], sizes: list[int], only: tuple[str, ...]) -> dict:
-    """The ``sizes`` and ``costs`` sections from the runs' summaries, ratios taken within each round."""
-    largest = str(max(sizes))
-    rate = {name: [run["images_per_s"] for run in runs] for name, runs in results.items()}
+def on_and_off(run: dict) -> tuple[float, float]:
+    """A cost run's seconds per image in its on windows and in its off windows (each the mean over its windows)."""
+    windows = run["images_per_s_windows"]
+    on = statistics.mean(1 / rate for i, rate in enumerate(windows) if switched_on(i))
+    return on, statistics.mean(1 / rate for i, rate in enumerate(windows) if not switched_on(i))
+
+
+def throughput_sections(results: dict[str, list[dict]], sizes: list[int], only: tuple[str, ...], batch: int) -> dict:
+    """The ``sizes`` and ``costs`` sections from the runs' summaries."""
     report = {}
     if "sizes" in only:
+        largest = [run["images_per_s"] for run in results[str(sizes[-1])]]
         report["sizes"] = {
             str(size): {
-                "images_per_s": spread(rate[str(size)]),
+                "images_per_s": spread([run["images_per_s"] for run in results[str(size)]]),
                 "step_p50_ms": statistics.median(run["step_time_ms"]["p50"] for run in results[str(size)]),
                 "of_pixel_scaling": spread(
-                    [r / (big * (int(largest) / size) ** 2) for r, big in zip(rate[str(size)], rate[largest])]
+                    [
+                        run["images_per_s"] / (big * (sizes[-1] / size) ** 2)
+                        for run, big in zip(results[str(size)], largest)
+                    ]
                 ),
             }
             for size in sizes
         }
     if "costs" in only:
-        base_steps = [run["step_time_ms"]["p50"] for run in results[largest]]
-        report["costs"] = {
-            "size": int(largest),
-            "baseline_images_per_s": spread(rate[largest]),
-            **{
-                name: {
-                    "overrides": VARIANTS[name][0],
-                    "images_per_s": spread(rate[name]),
-                    "step_p50_ms": statistics.median(run["step_time_ms"]["p50"] for run in results[name]),
-                    "cost": spread([base / r - 1 for base, r in zip(rate[largest], rate[name])]),
-                    "alone_ms": spread([run["alone_ms"] for run in results[name]]),
-                    "alone_of_step": spread([run["alone_ms"] / b for run, b in zip(results[name], base_steps)]),
-                }
-                for name in VARIANTS
-            },
-        }
+        report["costs"] = {"size": sizes[-1]}
+        for name in FEATURES:
+            seconds = [on_and_off(run) for run in results[name]]
+            report["costs"][name] = {
+                "overrides": FEATURES[name][0],
+                "images_per_s_on": spread([1 / on for on, _ in seconds]),
+                "images_per_s_off": spread([1 / off for _, off in seconds]),
+                "cost": spread([on / off - 1 for on, off in seconds]),
+                "alone_ms": spread([run["alone_ms"] for run in results[name]]),
+                "alone_of_step": spread(
+                    [run["alone_ms"] / (1000 * batch * off) for run, (_, off) in zip(results[name], seconds)]
+                ),
+            }
     return report
 
 
@@ -242,31 +267,34 @@ def table(report: dict) -> str:
     ]
     if c["rounds"]:
         lines[0] += (
-            f"; {c['rounds']} of {c['repeats']} rounds in ABBA order, each run {c['windows']} windows of "
-            f"{c['window_steps']} steps after {c['warmup']}; median (min / max) over the rounds"
+            f"; {c['rounds']} of {c['repeats']} rounds, each run {c['windows']} windows of {c['window_steps']} steps "
+            f"after {c['warmup']}; median (min / max) over the rounds"
         )
+    if "sizes" in report:
         lines += [
             "",
-            "| run | img/s | step p50 (ms) | of the largest size's img/s x (L/r)^2 | step-time cost | alone: ms per "
-            "step (of the step) |",
-            "|---|---|---|---|---|---|",
+            "| train size | img/s | step p50 (ms) | img/s / (the largest size's img/s x (L/r)^2) |",
+            "|---|---|---|---|",
         ]
-    for size, row in report.get("sizes", {}).items():
-        lines.append(
-            f"| {size} px | {_cell(row['images_per_s'], '.2f')} | {row['step_p50_ms']:.0f} | "
-            f"{_cell(row['of_pixel_scaling'], '.3f')} | | |"
-        )
-    costs = report.get("costs")
-    if costs:
-        if "sizes" not in report:
-            lines.append(f"| {costs['size']} px | {_cell(costs['baseline_images_per_s'], '.2f')} | | | | |")
-        for name, (_, label) in VARIANTS.items():
-            row = costs[name]
-            cost, alone = row["cost"], row["alone_of_step"]
+        for size, row in report["sizes"].items():
             lines.append(
-                f"| {costs['size']} px + {label} | {_cell(row['images_per_s'], '.2f')} | {row['step_p50_ms']:.0f} | "
-                f"| {cost['median']:+.1%} ({cost['min']:+.1%} / {cost['max']:+.1%}) | "
-                f"{row['alone_ms']['median']:.2f} ({alone['median']:.2%}) |"
+                f"| {size} px | {_cell(row['images_per_s'], '.2f')} | {row['step_p50_ms']:.0f} | "
+                f"{_cell(row['of_pixel_scaling'], '.3f')} |"
+            )
+    if "costs" in report:
+        lines += [
+            "",
+            f"| at {report['costs']['size']} px, switched off and on by window in one run | img/s off | img/s on | "
+            "step-time cost | alone: ms per step (of an off step) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, (_, label) in FEATURES.items():
+            row = report["costs"][name]
+            cost = row["cost"]
+            lines.append(
+                f"| {label} | {_cell(row['images_per_s_off'], '.2f')} | {_cell(row['images_per_s_on'], '.2f')} | "
+                f"{cost['median']:+.1%} ({cost['min']:+.1%} / {cost['max']:+.1%}) | "
+                f"{row['alone_ms']['median']:.2f} ({row['alone_of_step']['median']:.2%}) |"
             )
     compiles = report.get("compiles")
     if compiles:
@@ -279,7 +307,7 @@ def table(report: dict) -> str:
             f"distinct inputs** ({inputs}); the fit took {compiles['fit_seconds']:.0f} s (inductor's "
             "cache a new folder: a first run's compilations).",
             "",
-            "| compilation | function | seconds | why it compiled again (the guard that failed) |",
+            "| compilation | function | seconds | why it compiled again (the first failed guard dynamo names) |",
             "|---|---|---|---|",
         ]
         for record in compiles["records"]:
@@ -313,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--sizes", default="160,192,224", help="train crop sizes, ascending: a ramp's epochs")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=4, help="timed windows per run (a cost run: >= 2)")
     parser.add_argument("--window-steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=4, help="rounds: each configuration once per round")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of " + ", ".join(SECTIONS))
@@ -322,8 +350,11 @@ def main(argv: list[str] | None = None) -> dict:
     only = tuple(args.only.split(","))
     sizes = [int(size) for size in args.sizes.split(",")]
     counts = (args.warmup, args.windows, args.window_steps, args.repeats, args.compile_batches)
-    if any(name not in SECTIONS for name in only) or min(counts) < 1:
-        parser.error(f"--only takes {', '.join(SECTIONS)} (got {args.only}); the counts must be >= 1")
+    if any(name not in SECTIONS for name in only) or min(counts) < 1 or ("costs" in only and args.windows < 2):
+        parser.error(
+            f"--only takes {', '.join(SECTIONS)} (got {args.only}); the counts must be >= 1, --windows >= 2 for the "
+            "costs (an off and an on window)"
+        )
     try:
         ramp_of(sizes)
     except ValueError as error:
@@ -340,18 +371,14 @@ def main(argv: list[str] | None = None) -> dict:
             "overrides": overrides,
         }
         if {"sizes", "costs"} & set(only):
-            runs = {str(size): size_overrides(size) for size in sizes[:-1]} if "sizes" in only else {}
-            largest = size_overrides(sizes[-1])
-            if "costs" in only:  # the baseline between its two variants, in both orders
-                runs |= {"ema": [*largest, *VARIANTS["ema"][0]], str(sizes[-1]): largest}
-                runs |= {"mixing": [*largest, *VARIANTS["mixing"][0]]}
-            else:
-                runs[str(sizes[-1])] = largest
+            runs = {str(size): size_overrides(size) for size in sizes} if "sizes" in only else {}
+            if "costs" in only:
+                runs |= {name: [*size_overrides(sizes[-1]), *FEATURES[name][0]] for name in FEATURES}
             report["runs"] = {}
-            for round_ in range(args.repeats):  # ABBA: every other round reversed
+            for round_ in range(args.repeats):
                 device = measure_round(overrides, run_dir, runs, round_ % 2 == 1, timing, report["runs"])
                 report["config"] |= {"device": device, "rounds": round_ + 1}
-                report |= throughput_sections(report["runs"], sizes, only)
+                report |= throughput_sections(report["runs"], sizes, only, cfg.data.batch_size)
                 write(report, args.out)
         if "compiles" in only:
             report["compiles"] = count_compilations(overrides, run_dir, sizes, args.compile_batches)

@@ -74,8 +74,9 @@ else  # limits: what each step takes on an H200 and some room; a stuck step cost
   batches=(resnet50=256 resnet18=256 vgg16=128 alexnet=512)
   copies=12
   pipelines=(--epochs 2 --repeats 3)
-  # 5 trainer runs (160, 192, 224 px, 224 with EMA, with mixing) of 20 steps per round, 2 rounds: ~10 s a run
-  tta=(--sizes 160,192,224 --repeats 2 --warmup 5 --windows 3 --window-steps 5)
+  # per round 5 trainer runs of 25 steps (160, 192, 224 px; 224 with EMA, with mixing, each switched by window),
+  # 2 rounds: about 10 s a run
+  tta=(--sizes 160,192,224 --repeats 2 --warmup 5 --windows 4 --window-steps 5)
   budget=${GPU_CHECK_BUDGET:-450}
   limit+=([pytest]=210 [data-pipelines]=90 [resnet50]=90 [time-to-accuracy]=120 [resnet50-data-hw0.9]=45
     [resnet18]=60 [vgg16]=75 [alexnet]=60 [resnet50-compiled]=120 [time-to-accuracy-compiles]=240)

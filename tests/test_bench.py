@@ -71,7 +71,8 @@ def test_suite_measures_all_four_and_writes_json_and_table(tmp_path: Path, cache
 @pytest.mark.slow
 def test_time_to_accuracy_measures_each_size_both_costs_and_the_compilations(tmp_path: Path, cache_dir: Path):
     """benchmarks/time_to_accuracy.py at toy sizes: a row per size, per cost and per compilation, in its JSON and
-    table; the compiled ramp (train 32 px, eval 64 px, train 64 px) compiles the network at most once per input."""
+    table; each cost run switches its feature off, on by window; the compiled ramp (train 32 px, eval 64 px, train
+    64 px) compiles the network at most once per input."""
     out = tmp_path / "tta"
     command = [
         sys.executable, "-m", "benchmarks.time_to_accuracy", "--out", str(out), "--sizes", "32,64", "--repeats", "2",
@@ -82,7 +83,7 @@ def test_time_to_accuracy_measures_each_size_both_costs_and_the_compilations(tmp
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "time_to_accuracy.json").read_text())
     assert (report["config"]["model"], report["config"]["batch"], report["config"]["device"]) == ("resnet18", 4, "cpu")
-    assert list(report["runs"]) == ["32", "ema", "64", "mixing"]  # the baseline between its variants
+    assert list(report["runs"]) == ["32", "64", "ema", "mixing"]
     assert all(len(runs) == 2 and all(run["timed_steps"] == 4 for run in runs) for runs in report["runs"].values())
     assert list(report["sizes"]) == ["32", "64"]
     for row in report["sizes"].values():
@@ -92,9 +93,12 @@ def test_time_to_accuracy_measures_each_size_both_costs_and_the_compilations(tmp
     expected = [rate / (big * (64 / 32) ** 2) for rate, big in zip(small, large)]
     assert report["sizes"]["32"]["of_pixel_scaling"]["rounds"] == pytest.approx(expected)
     costs = report["costs"]
-    assert costs["size"] == 64
+    assert list(costs) == ["size", "ema", "mixing"] and costs["size"] == 64
     for name in ("ema", "mixing"):  # alone_ms: the module had an average / a mixing to time
+        assert all(run["on_in_timed_steps"] == [False, False, True, True] for run in report["runs"][name]), name
         assert len(costs[name]["cost"]["rounds"]) == 2 and costs[name]["alone_ms"]["min"] > 0, name
+        on, off = (costs[name][f"images_per_s_{key}"]["rounds"] for key in ("on", "off"))
+        assert costs[name]["cost"]["rounds"] == pytest.approx([b / a - 1 for a, b in zip(on, off)]), name
     assert costs["ema"]["overrides"] == ["model.ema.decay=0.9999", "model.ema.every_n_steps=1"]
     compiles = report["compiles"]
     assert compiles["inputs"] == [
@@ -106,7 +110,7 @@ def test_time_to_accuracy_measures_each_size_both_costs_and_the_compilations(tmp
     assert all(record["function"] == "forward" and record["failure"] is None for record in compiles["records"])
     assert compiles["records"][0]["recompile_reason"] is None and compiles["fit_seconds"] > 0
     table = (out / "time_to_accuracy.md").read_text()
-    rows = ["| 32 px |", "| 64 px |", "| 64 px + EMA", "| 64 px + MixUp", "| 0/0 | forward |"]
+    rows = ["| 32 px |", "| 64 px |", "| EMA (decay 0.9999", "| MixUp 0.2 / CutMix 1.0 |", "| 0/0 | forward |"]
     assert all(row in table for row in rows) and table in done.stdout + "\n"
 
 
