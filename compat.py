@@ -1,6 +1,6 @@
-"""Every private API of Lightning, Hydra and rich this project uses, in one place: upgrading either means reading this
-file against the new version. ``WRITTEN_FOR`` names the versions it was checked against; tests/test_compat.py fails,
-saying so, on any other.
+"""Every private API of Lightning, Hydra, rich and torch this project uses, in one place: upgrading one means reading
+this file against the new version. ``WRITTEN_FOR`` names the versions it was checked against; tests/test_compat.py
+fails, saying so, on any other.
 
 Each function says what it reads and why no public API gives it.
 """
@@ -17,7 +17,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
-WRITTEN_FOR = {"pytorch-lightning": "2.6.6", "hydra-core": "1.3.8", "rich": "15.0.0"}
+WRITTEN_FOR = {"pytorch-lightning": "2.6.6", "hydra-core": "1.3.8", "rich": "15.0.0", "torch": "2.14.1"}
 
 __all__ = [
     "WRITTEN_FOR",
