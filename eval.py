@@ -87,7 +87,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float | int | str]]:
     state = chosen_weights(checkpoint["state_dict"], cfg.weights, cfg.ckpt)
     cfg = configured_by_card(cfg, card)
     datamodule = instantiate(cfg.data)
-    sizes = sweep_sizes(cfg, datamodule.spec.val_image_size, datamodule.spec.val_resize_size)
+    sizes = sweep_sizes(cfg, datamodule.spec.val_crop, datamodule.spec.val_resize_size)
     analysis, seen = ErrorAnalysis(cfg.report_dir), ValInputSize()
     trainer = instantiate(cfg.trainer, callbacks=[analysis, seen], logger=instantiate_all(cfg.logger))
     datamodule.share_index_with(trainer)  # before the layout is read: one rank indexes, the others read its result

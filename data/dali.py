@@ -221,7 +221,7 @@ def ilsvrc_pipeline(
         size, mirror = [crop, crop], fn.random.coin_flip(probability=0.5 * spec.flip)
     else:
         images = fn.decoders.image(jpegs, **decoding)
-        size, mirror, crop = [spec.val_resize_size], 0, spec.val_image_size
+        size, mirror, crop = [spec.val_resize_size], 0, spec.val_crop
     images = _resize(images, jpegs, size, spec, decoder_device, cpus)
     if training and (spec.auto_augment is not None or spec.random_erasing > 0):
         images = dali_augment(images, spec)
@@ -477,7 +477,7 @@ class DaliLoaders:
         spec = request.spec
         # a ramp's sizes are assumed up to the size it ends at, data.spec.image_size
         queues = {split: self.prefetch_depth * request.batch_size * size**2 * pixel
-                  for split, size in ((True, spec.image_size), (False, spec.val_image_size))}  # fmt: skip
+                  for split, size in ((True, spec.image_size), (False, spec.val_crop))}  # fmt: skip
         staging = math.ceil(self.hw_decoder_load * request.batch_size) * HW_STAGING_PER_IMAGE
         threads = {split: self.threads(request.placement, split) for split in (True, False)}
         total = sum(threads.values())

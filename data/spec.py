@@ -78,10 +78,12 @@ class ImageSpec:
                 raise ConfigError(f"data.spec.{name}", list(value) if isinstance(value, tuple) else value, allowed)
 
         require(_whole(self.image_size, 1), "image_size", "a whole number of pixels >= 1")
-        if self.val_image_size is None:
-            object.__setattr__(self, "val_image_size", self.image_size)
-        require(_whole(self.val_image_size, 1), "val_image_size", "a whole number of pixels >= 1, or null: image_size")
-        size = self.val_image_size
+        require(
+            self.val_image_size is None or _whole(self.val_image_size, 1),
+            "val_image_size",
+            "a whole number of pixels >= 1, or null: image_size",
+        )
+        size = self.val_crop
         require(
             _whole(self.val_resize_size, size),
             "val_resize_size",
@@ -112,6 +114,12 @@ class ImageSpec:
         require(std is not None and min(std) > 0, "std", "three numbers > 0, one per RGB channel (0..255 scale)")
         for name, value in (("train_crop_scale", scale), ("train_aspect_ratio", ratio), ("mean", mean), ("std", std)):
             object.__setattr__(self, name, value)  # tuples of floats, whatever the config gave (lists)
+
+    @property
+    def val_crop(self) -> int:
+        """The val centre crop's side: ``val_image_size``, or where that is null ``image_size`` (kept null in the
+        model card, so an ``image_size`` given to eval.py or predict.py sizes the crop as before it existed)."""
+        return self.val_image_size or self.image_size
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists for tuples): what checkpoints and exported weights carry."""

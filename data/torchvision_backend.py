@@ -65,8 +65,8 @@ def val_transform(spec: ImageSpec, ten_crop: bool = False) -> v2.Transform:
     one (Krizhevsky et al. 2012): the four corners and the centre, and their mirror images, as (10, C, H, W)."""
     resize = v2.Resize(spec.val_resize_size, antialias=True)
     if ten_crop:
-        return v2.Compose([resize, v2.TenCrop(spec.val_image_size), _stack])
-    return v2.Compose([resize, v2.CenterCrop(spec.val_image_size)])
+        return v2.Compose([resize, v2.TenCrop(spec.val_crop), _stack])
+    return v2.Compose([resize, v2.CenterCrop(spec.val_crop)])
 
 
 def _stack(crops: Sequence[torch.Tensor]) -> torch.Tensor:
