@@ -64,8 +64,5 @@ class FixedResolution:
     def size(self, epoch: int) -> int:
         return self.end_size
 
-    def sizes(self, epochs: int) -> list[int]:
-        return [self.end_size] * epochs
-
 
 TrainResolution = ResolutionRamp | FixedResolution
