@@ -1,11 +1,13 @@
-"""Regenerate ``data/ilsvrc2012_classes.tsv`` (the 1000 ILSVRC-2012 classes with readable names) and
-``data/ilsvrc2012_hierarchy.tsv`` (each class's WordNet is-a path from the root, ``entity``).
+"""Regenerate ``data/ilsvrc2012_classes.tsv`` (the 1000 ILSVRC-2012 classes with readable names),
+``data/ilsvrc2012_hierarchy.tsv`` (each class's WordNet is-a path from the root, ``entity``) and
+``data/ilsvrc2012_wordnet.tsv`` (the is-a graph of the classes and all their ancestors, for class subsets).
 
 Sources (read-only, outside the project): the wnid list is read from the names of the 1000 sample images in
 ``../shared/data/imagenet-samples`` (``<wnid>_<name>.JPEG``, one per ILSVRC-2012 class); the names come from
 ImageNet's WordNet ``words.txt`` and the hierarchy from its ``is_a.txt`` (``parent child`` pairs) in
 ``../shared/data/wordnet``. Sorted wnid order is the standard 0..999 index. WordNet lets a synset have several
-parents; the path kept is the longest to the root (ties: the smallest wnids), one tree for mistake severities.
+parents; the path kept is the longest to the root (ties: the smallest wnids), one tree for mistake severities, while
+the graph keeps every parent, so that a node such as ``domestic animal`` finds all the classes under it.
 
     python -m data.make_class_table [--shared ../shared/data]
 """
@@ -18,32 +20,43 @@ from pathlib import Path
 
 CLASS_TABLE = Path(__file__).with_name("ilsvrc2012_classes.tsv")
 HIERARCHY_TABLE = Path(__file__).with_name("ilsvrc2012_hierarchy.tsv")
+WORDNET_TABLE = Path(__file__).with_name("ilsvrc2012_wordnet.tsv")
 ROOT = "n00001740"  # entity
 
 
-def build_rows(shared_data: Path) -> list[tuple[int, str, str]]:
-    """(index, wnid, WordNet synonyms) for the 1000 ILSVRC-2012 classes, in sorted wnid order."""
-    wnids = sorted({p.name.split("_", 1)[0] for p in (shared_data / "imagenet-samples").glob("n*_*.JPEG")})
-    if len(wnids) != 1000:
-        raise SystemExit(f"expected 1000 wnids in {shared_data / 'imagenet-samples'}, found {len(wnids)}")
+def read_words(shared_data: Path) -> dict[str, str]:
+    """wnid -> WordNet synonyms (``words.txt``)."""
     words: dict[str, str] = {}
     with open(shared_data / "wordnet" / "words.txt", encoding="latin-1") as f:
         for line in f:
             wnid, _, synonyms = line.rstrip("\n").partition("\t")
             words[wnid] = synonyms
+    return words
+
+
+def read_parents(shared_data: Path) -> dict[str, list[str]]:
+    """wnid -> its parents in ``is_a.txt``, in file order."""
+    parents: dict[str, list[str]] = {}
+    with open(shared_data / "wordnet" / "is_a.txt", encoding="latin-1") as f:
+        for line in f:
+            parent, child = line.split()
+            parents.setdefault(child, []).append(parent)
+    return parents
+
+
+def build_rows(shared_data: Path, words: dict[str, str]) -> list[tuple[int, str, str]]:
+    """(index, wnid, WordNet synonyms) for the 1000 ILSVRC-2012 classes, in sorted wnid order."""
+    wnids = sorted({p.name.split("_", 1)[0] for p in (shared_data / "imagenet-samples").glob("n*_*.JPEG")})
+    if len(wnids) != 1000:
+        raise SystemExit(f"expected 1000 wnids in {shared_data / 'imagenet-samples'}, found {len(wnids)}")
     missing = [w for w in wnids if w not in words]
     if missing:
         raise SystemExit(f"wnids missing from words.txt: {missing[:5]}")
     return [(i, w, words[w]) for i, w in enumerate(wnids)]
 
 
-def root_paths(shared_data: Path, wnids: list[str]) -> list[list[str]]:
+def root_paths(parents: dict[str, list[str]], wnids: list[str]) -> list[list[str]]:
     """For each wnid, its is-a path ``[entity, ..., wnid]``: the longest, ties broken by the smallest wnids."""
-    parents: dict[str, list[str]] = {}
-    with open(shared_data / "wordnet" / "is_a.txt", encoding="latin-1") as f:
-        for line in f:
-            parent, child = line.split()
-            parents.setdefault(child, []).append(parent)
     best: dict[str, tuple[str, ...]] = {ROOT: (ROOT,)}
 
     def path_to(wnid: str) -> tuple[str, ...]:
@@ -58,19 +71,44 @@ def root_paths(shared_data: Path, wnids: list[str]) -> list[list[str]]:
     return [list(path_to(wnid)) for wnid in wnids]
 
 
+def ancestor_graph(parents: dict[str, list[str]], wnids: list[str]) -> dict[str, list[str]]:
+    """The wnids and every ancestor through any is-a path, each with its sorted parents (none for the root)."""
+    graph: dict[str, list[str]] = {}
+    todo = list(wnids)
+    while todo:
+        wnid = todo.pop()
+        if wnid not in graph:
+            if wnid != ROOT and wnid not in parents:
+                raise SystemExit(f"{wnid} has no parent in is_a.txt and is not the root {ROOT}")
+            graph[wnid] = sorted(set(parents.get(wnid, ())))
+            todo.extend(graph[wnid])
+    return graph
+
+
+def write_tables(shared_data: Path, out: Path) -> str:
+    """Write the three tables into ``out`` (the ``data`` package, or a test's folder); a summary line."""
+    words, parents = read_words(shared_data), read_parents(shared_data)
+    rows = build_rows(shared_data, words)
+    wnids = [wnid for _, wnid, _ in rows]
+    with open(out / CLASS_TABLE.name, "w", encoding="utf-8") as f:
+        f.write("# index\twnid\twordnet_synonyms  (generated by data/make_class_table.py; do not edit)\n")
+        f.writelines(f"{i}\t{w}\t{s}\n" for i, w, s in rows)
+    paths = root_paths(parents, wnids)
+    with open(out / HIERARCHY_TABLE.name, "w", encoding="utf-8") as f:
+        f.write("# index\twnid\tis-a path from the root  (generated by data/make_class_table.py; do not edit)\n")
+        f.writelines(f"{i}\t{path[-1]}\t{' '.join(path)}\n" for i, path in enumerate(paths))
+    graph = ancestor_graph(parents, wnids)
+    with open(out / WORDNET_TABLE.name, "w", encoding="utf-8") as f:
+        f.write("# wnid\tparent wnids\twordnet_synonyms  (generated by data/make_class_table.py; do not edit)\n")
+        f.writelines(f"{w}\t{' '.join(graph[w])}\t{words[w]}\n" for w in sorted(graph))
+    return f"{len(rows)} classes, their paths and their is-a graph of {len(graph)} synsets"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    shared = parser.parse_args().shared
-    rows = build_rows(shared)
-    with open(CLASS_TABLE, "w", encoding="utf-8") as f:
-        f.write("# index\twnid\twordnet_synonyms  (generated by data/make_class_table.py; do not edit)\n")
-        f.writelines(f"{i}\t{w}\t{s}\n" for i, w, s in rows)
-    paths = root_paths(shared, [wnid for _, wnid, _ in rows])
-    with open(HIERARCHY_TABLE, "w", encoding="utf-8") as f:
-        f.write("# index\twnid\tis-a path from the root  (generated by data/make_class_table.py; do not edit)\n")
-        f.writelines(f"{i}\t{path[-1]}\t{' '.join(path)}\n" for i, path in enumerate(paths))
-    print(f"wrote {len(rows)} classes to {CLASS_TABLE} and their paths to {HIERARCHY_TABLE}")
+    summary = write_tables(parser.parse_args().shared, CLASS_TABLE.parent)
+    print(f"wrote {summary} to {CLASS_TABLE}, {HIERARCHY_TABLE} and {WORDNET_TABLE}")
 
 
 if __name__ == "__main__":
