@@ -16,12 +16,14 @@ import pytorch_lightning as pl
 import torch
 
 from compat import launches_its_ranks_by_rerunning_the_script, trained_batches_in_epoch
+from data.eval_sets import load_eval_set
 from data.ilsvrc import ILSVRCLayout, Split
 from data.index import MODES, SCOPES, IndexRole, job_run_token, shared_layout, usable_cores
 from data.placement import BatchRequest, Placement, Shard, placement_of, shard_of
 from data.resolution import FixedResolution, ResolutionRamp, TrainResolution
 from data.shard_set import ShardSet, ShardSetError, ShardSplit, is_shard_set
 from data.spec import ConfigError, ImageSpec
+from data.wordnet import select_classes
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ class ImageNetDataModule(pl.LightningDataModule):
     rank 0 of each node) or ``job`` (global rank 0, for a ``cache_dir`` that every node shares), and
     ``index_wait_s``: how long the others wait for its result; ``val_crops``: 1, or 10 for the ten-crop protocol;
     ``resolution``: progressive resizing (data/resolution.py), ending at ``spec.image_size``; null: every epoch at it.
+    ``classes``: the classes to use, null for all of ``root``'s: wnids, a file of them, a WordNet node or a ready list
+    (data/wordnet.py), of which ``sample_classes`` (null: all) are drawn with ``classes_seed``; the class index is the
+    subset's sorted wnids (what the model card records).
     """
 
     def __init__(
@@ -77,6 +82,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         index_wait_s: float = 3600.0,
         val_crops: int = 1,
         resolution: ResolutionRamp | None = None,
+        classes: str | Sequence[str] | None = None,
+        sample_classes: int | None = None,
+        classes_seed: int = 0,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -106,6 +114,13 @@ class ImageNetDataModule(pl.LightningDataModule):
                 f"data.spec.image_size ({spec.image_size}): the ramp ends at the size the model card records",
             )
         self.resolution = resolution or FixedResolution(spec.image_size)
+        if classes is None and sample_classes is not None:
+            raise ConfigError(
+                "data.sample_classes",
+                sample_classes,
+                "null without data.classes: draw from a selection, e.g. data.classes=n00001740 (entity: all 1000)",
+            )
+        self.class_selection = select_classes(classes, sample_classes, classes_seed)
         self.root, self.spec, self.loader, self.batch_size = root, spec, loader, batch_size
         self.num_workers, self.seed, self.index, self.cache_dir = num_workers, seed, index, cache_dir
         self.index_scope, self.index_wait_s, self.val_crops = index_scope, index_wait_s, val_crops
@@ -129,8 +144,17 @@ class ImageNetDataModule(pl.LightningDataModule):
         """The dataset: a shard set where ``root`` holds a manifest (data/shard_set.py; its files were checked when it
         was converted), else the scanned and checked folders without unreadable files. ``DatasetLayoutError`` or
         ``ShardSetError`` names a path at fault."""
+        selected = self.class_selection.wnids if self.class_selection else None
+        if self.class_selection:
+            log.info("Classes (data.classes): %s", self.class_selection.description)
         if is_shard_set(self.root):
             layout = ShardSet.open(self.root)
+            if selected is not None and tuple(layout.wnids) != selected:
+                raise ShardSetError(
+                    f"{layout.root} holds {layout.num_classes} classes, not the {len(selected)} of data.classes "
+                    f"({self.class_selection.description}): convert that subset into a shard set of its own "
+                    "(python -m data.shards SRC OUT --classes ..., the same selection)"
+                )
             for name, split in (("train", layout.train), ("val", layout.val)):
                 if not len(split):
                     raise ShardSetError(f"{layout.root}: its {name} split is empty (converted with --splits): "
@@ -139,10 +163,30 @@ class ImageNetDataModule(pl.LightningDataModule):
                 log.info("data.index=full: the converter checked the files (python -m data.shards --index full)")
         else:
             layout = shared_layout(
-                self.root, self.index, self.cache_dir, usable_cores(), self.index_role, self.index_wait_s
+                self.root,
+                self.index,
+                self.cache_dir,
+                usable_cores(),
+                self.index_role,
+                self.index_wait_s,
+                classes=selected,
             )
         log.info("Dataset %s", layout.summary())
         return layout
+
+    def eval_set(self, root: str | os.PathLike) -> ILSVRCLayout:
+        """The evaluation set at ``root`` (data/eval_sets.py: ImageNet-V2, -A, -R, -Sketch), checked as this module's
+        dataset is (``index``, by one rank for the others), all its classes: assign a subset of it to ``layout`` to
+        validate on it."""
+        return shared_layout(
+            root,
+            self.index,
+            self.cache_dir,
+            usable_cores(),
+            self.index_role,
+            self.index_wait_s,
+            scan=load_eval_set,
+        )
 
     @property
     def classes(self) -> list[str]:

@@ -13,6 +13,7 @@ import csv
 import functools
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,25 @@ class ILSVRCLayout:
 
         return cls(root, record["wnids"], record["names"], split_of(record["train"]), split_of(record["val"]))
 
+    def subset(self, wnids: Sequence[str]) -> ILSVRCLayout:
+        """The layout of these classes only (``data.classes``), indexed in their sorted order, the images in the order
+        they had; a class it does not hold is an error naming it."""
+        missing = sorted(set(wnids) - set(self.wnids))
+        if missing:
+            raise DatasetLayoutError(
+                f"{self.root} holds {len(self.wnids)} classes, and not {len(missing)} of the {len(set(wnids))} "
+                f"selected: {', '.join(missing[:5])}{' ...' * (len(missing) > 5)}"
+            )
+        kept = sorted(set(wnids))
+        index = {self.wnids.index(wnid): new for new, wnid in enumerate(kept)}
+
+        def split_of(split: Split) -> Split:
+            pairs = [(path, index[label]) for path, label in zip(split.paths, split.labels) if label in index]
+            return Split([path for path, _ in pairs], [label for _, label in pairs])
+
+        names = [self.names[self.wnids.index(wnid)] for wnid in kept]
+        return ILSVRCLayout(self.root, kept, names, split_of(self.train), split_of(self.val))
+
     def summary(self) -> str:
         text = (
             f"{self.root}: {self.num_classes} classes, {len(self.train):,} train images, {len(self.val):,} val images"
@@ -140,14 +160,15 @@ def _images_in(folder: str) -> list[str]:
         return sorted(e.path for e in entries if _is_image(e))
 
 
-def _subfolders(folder: Path) -> list[str]:
+def subfolders(folder: Path) -> list[str]:
+    """The folders in ``folder``, sorted, hidden ones left out."""
     with os.scandir(folder) as entries:
         return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
-def _scan_class_folders(split_dir: Path, class_index: dict[str, int]) -> Split:
+def scan_class_folders(split_dir: Path, class_index: dict[str, int]) -> Split:
     """Images of every class folder, scanned in parallel (a network file system rewards it)."""
-    wnids = _subfolders(split_dir)
+    wnids = subfolders(split_dir)
     unknown = [w for w in wnids if w not in class_index]
     if unknown:
         raise DatasetLayoutError(f"{split_dir / unknown[0]}: class folder {unknown[0]!r} is not a class of train/")
@@ -211,18 +232,16 @@ def load_layout(root: str | os.PathLike) -> ILSVRCLayout:
             raise DatasetLayoutError(
                 f"{split_dir} is missing: expected {root}/{{train,val}}/ in the ILSVRC-2012 layout"
             )
-    wnids = _subfolders(train_dir)
+    wnids = subfolders(train_dir)
     if not wnids:
         raise DatasetLayoutError(f"{train_dir} has no class folders: expected {train_dir}/<wnid>/*.JPEG")
     class_index = {w: i for i, w in enumerate(wnids)}
-    train = _scan_class_folders(train_dir, class_index)
+    train = scan_class_folders(train_dir, class_index)
     empty = sorted(set(wnids) - {wnids[label] for label in set(train.labels)})
     if empty:
         raise DatasetLayoutError(f"{train_dir / empty[0]} holds no images ({len(empty)} such class folders)")
     val = (
-        _scan_class_folders(val_dir, class_index)
-        if _subfolders(val_dir)
-        else _scan_flat_val(root, val_dir, class_index)
+        scan_class_folders(val_dir, class_index) if subfolders(val_dir) else _scan_flat_val(root, val_dir, class_index)
     )
     if not len(val):
         raise DatasetLayoutError(f"{val_dir} holds no images")

@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -273,10 +273,19 @@ class IndexBoard:
     that names the layout's SHA-256, or the indexing rank's error. Named from the root as configured (no ``stat`` of
     it: a waiting rank looks at nothing in the dataset)."""
 
-    def __init__(self, cache_dir: str | os.PathLike, root: str | os.PathLike, mode: str, role: IndexRole) -> None:
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        root: str | os.PathLike,
+        mode: str,
+        role: IndexRole,
+        classes: Sequence[str] | None = None,
+    ) -> None:
         self.cache_dir, self.root, self.mode, self.role = Path(cache_dir).expanduser(), root, mode, role
         self.folder = self.cache_dir / "index"
         name = f"{hashlib.sha1(os.path.abspath(os.path.expanduser(root)).encode()).hexdigest()[:12]}-{mode}"
+        if classes is not None:  # a class subset's layout is another file: jobs on other subsets share the folder
+            name += "-" + hashlib.sha1("\n".join(sorted(classes)).encode()).hexdigest()[:12]
         run = hashlib.sha1(f"{role.run}\0{role.group}".encode()).hexdigest()[:12]
         self.lock_path = self.folder / f"{name}.lock"
         self.layout_path = self.folder / f"{name}.layout.json"
@@ -353,20 +362,28 @@ def shared_layout(
     workers: int,
     role: IndexRole = IndexRole(),
     wait_s: float = 3600.0,
+    classes: Sequence[str] | None = None,
+    scan: Callable[[str | os.PathLike], ILSVRCLayout] = load_layout,
 ) -> ILSVRCLayout:
-    """The scanned and checked layout of ``root``: made here by a process alone or by its job's indexing rank (which
-    publishes it in the cache folder), read from there by the other ranks once it is published, without a look at
-    the dataset (a scan and a ``stat`` of 1.28 M files per rank would cost each minutes)."""
+    """The scanned (``scan``: the ILSVRC folders, or an evaluation set's) and checked layout of ``root``, of its
+    ``classes`` only where given (only their files are checked): made here by a process alone or by its job's indexing
+    rank (which publishes it in the cache folder), read from there by the other ranks once it is published, without a
+    look at the dataset (a scan and a ``stat`` of 1.28 M files per rank would cost each minutes)."""
+
+    def checked() -> ILSVRCLayout:
+        layout = scan(root)
+        return indexed_layout(layout if classes is None else layout.subset(classes), mode, cache_dir, workers)
+
     if role.world_size == 1:
-        return indexed_layout(load_layout(root), mode, cache_dir, workers)
-    board = IndexBoard(cache_dir, root, mode, role)
+        return checked()
+    board = IndexBoard(cache_dir, root, mode, role, classes)
     if not role.indexes:
         return board.wait(wait_s)
     log.info("Rank %d (%s) indexes %s for the ranks of the %s", role.global_rank, role.indexer, root, role.scope)
     start = time.monotonic()
     with board.lock():
         try:
-            layout = indexed_layout(load_layout(root), mode, cache_dir, workers)
+            layout = checked()
         except BaseException as error:
             board.publish_failure(error)
             raise

@@ -2,6 +2,7 @@
 
     python -m data.shards /datasets/ILSVRC2012 /datasets/ILSVRC2012-shards [--shard-samples 1024] [--seed 0]
         [--splits train,val] [--index fast|full] [--workers 16] [--cache-dir DIR]
+        [--classes imagenette|FILE|WNID|NAME|WNID,WNID,... [--sample-classes N] [--classes-seed 0]]
     python -m data.shards --verify /datasets/ILSVRC2012-shards
 
 Files the index (data/index.py) finds broken never enter a shard; the manifest lists them with their reasons. Each
@@ -9,6 +10,9 @@ image keeps its original bytes (no re-encoding). A shard holds ``--shard-samples
 sized, and the samples are spread so that every shard of a split holds the same count give or take one: DALI splits
 a split's samples between ranks, so equal shards give every rank the same number of files to open and read. The
 train set lies in one seeded permutation over its shards (no shard holds one class), val in ILSVRC id order.
+
+``--classes`` converts a class subset (data/wordnet.py, as ``data.classes`` selects it): a set of those classes only,
+indexed in their sorted order, which training with the same ``data.classes`` reads.
 
 The conversion is resumable: its plan (every file's shard, key and label) is written first to OUT/plan.json; a rerun
 with the same arguments and the same source writes only the shards not yet finished (a shard is finished when its
@@ -58,6 +62,8 @@ from data.shard_set import (
     file_sha256,
     label_text,
 )
+from data.spec import ConfigError
+from data.wordnet import select_classes
 
 log = logging.getLogger(__name__)
 
@@ -388,17 +394,23 @@ def convert(
     seed: int = 0,
     workers: int = 1,
     cache_dir: str | os.PathLike,
+    classes: Sequence[str] | None = None,
 ) -> dict:
     """Convert (or finish converting) ``root`` into the shard set ``out``; its manifest. A split left out of
-    ``splits`` is recorded empty (0 samples, no shards), and ``source.splits`` names the splits converted."""
+    ``splits`` is recorded empty (0 samples, no shards), and ``source.splits`` names the splits converted;
+    ``classes``: only these (wnids), recorded as ``source.classes``."""
     start = time.monotonic()
     root, out = Path(os.path.abspath(os.path.expanduser(root))), Path(os.path.abspath(os.path.expanduser(out)))
     splits = [split for split in SPLITS if split in splits]
     source = {"root": str(root), "index": index, "seed": seed, "shard_samples": shard_samples, "splits": splits}
+    if classes is not None:
+        source["classes"] = sorted(classes)
     old = existing_plan(out)
     if old is not None and (differences := _source_differences(old.get("source", {}), source)):
         raise _refusal(out, differences)  # before the scan: a different argument needs no look at the dataset
     layout = load_layout(root)
+    if classes is not None:
+        layout = layout.subset(classes)
     layout = replace(layout, **{split: Split([], []) for split in SPLITS if split not in splits})
     _, excluded = checked_layout(layout, index, cache_dir, workers)
     plan = make_plan(layout, excluded, source=source, splits=splits, shard_samples=shard_samples, seed=seed)
@@ -561,6 +573,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", choices=INDEX_MODES, default="fast", help="python -m data.index's --mode (fast)")
     parser.add_argument("--workers", type=_positive, default=usable_cores(), metavar="N", help="(the usable cores)")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="the index's verdict cache")
+    parser.add_argument(
+        "--classes",
+        metavar="SELECTION",
+        help="a class subset as data.classes takes it: a ready list, a file of wnids, a WordNet wnid or name, or "
+        "wnids separated by commas",
+    )
+    parser.add_argument("--sample-classes", type=_positive, metavar="N", help="a seeded draw of N of --classes")
+    parser.add_argument("--classes-seed", type=_seed, default=0, metavar="N", help="the draw's seed (0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.verify is not None:
@@ -585,6 +605,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"ROOT {args.root} does not exist or is not a folder")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"OUT {args.out} is a file: name a folder (new, empty, or a conversion to continue)")
+    if args.sample_classes is not None and args.classes is None:
+        parser.error("--sample-classes draws from --classes: give both")
+    try:
+        selection = args.classes.split(",") if args.classes and "," in args.classes else args.classes
+        chosen = select_classes(selection, args.sample_classes, args.classes_seed)
+    except ConfigError as error:
+        parser.error(str(error).replace("data.classes", "--classes").replace("data.sample_classes", "--sample-classes"))
+    if chosen is not None:
+        log.info("Classes (--classes): %s", chosen.description)
     try:
         convert(
             args.root,
@@ -595,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             workers=args.workers,
             cache_dir=args.cache_dir,
+            classes=chosen.wnids if chosen else None,
         )
     except (ConversionError, DatasetLayoutError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,31 @@ class ModelCard:
         if CARD not in checkpoint:
             raise ValueError(f"{path} holds no {CARD!r} (written by an older version of this project): re-save it")
         return cls.from_dict(checkpoint[CARD])
+
+    def evaluated_classes(self, classes: Sequence[str], restrict: bool, where: str) -> tuple[str, ...]:
+        """``classes`` (of a dataset, or a set) where the model can be evaluated on them: its own classes, or with
+        ``restrict`` (``restrict_outputs`` of eval.py and predict.py) a subset of them; else an error naming the way."""
+        classes = tuple(classes)
+        if classes == self.classes:
+            return classes
+        unknown = [wnid for wnid in classes if wnid not in self.classes]
+        if unknown:
+            raise ValueError(
+                f"{where} holds {len(unknown)} classes the model was not trained on ({', '.join(unknown[:5])}"
+                f"{' ...' * (len(unknown) > 5)}): evaluate it on the classes of its model card (data.classes=null)"
+            )
+        if not restrict:
+            raise ValueError(
+                f"{where}: {len(classes)} of the model's {len(self.classes)} classes, which it was not trained to tell "
+                "apart alone: restrict_outputs=true evaluates it on these, its outputs restricted to them"
+            )
+        log.info(
+            "Outputs restricted to %d of the model's %d classes (restrict_outputs): %s",
+            len(classes),
+            len(self.classes),
+            where,
+        )
+        return classes
 
     def write_beside(self, file: Path, **notes: str) -> Path:
         """``<file>.json``: the card of exported weights, with ``notes`` on them (models.export: which weights, and

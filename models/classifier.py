@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import pytorch_lightning as pl
@@ -123,6 +123,20 @@ class ImageClassifier(pl.LightningModule):
         if ema:
             self.val_ema_metrics = _accuracy_metrics(len(card.classes), "val_ema/")
             self.val_ema_loss_sum = SumMetric(nan_strategy="disable")
+        self.register_buffer("output_index", None, persistent=False)  # evaluate_on's subset of the outputs
+
+    def evaluate_on(self, classes: Sequence[str]) -> None:
+        """Validate on these of the card's classes only (eval.py's ``restrict_outputs``: a wider model on a class
+        subset, or on ImageNet-A's and -R's 200 classes): the val scores are the network's outputs for them, in this
+        order, so that a label indexes ``classes``; the card's classes: every output, as trained."""
+        missing = [wnid for wnid in classes if wnid not in self.card.classes]
+        if missing:
+            raise ValueError(f"the model was not trained on {len(missing)} of these classes: {missing[:5]}")
+        whole = tuple(classes) == self.card.classes
+        self.output_index = None if whole else torch.tensor([self.card.classes.index(w) for w in classes])
+        self.val_metrics = _accuracy_metrics(len(classes), "val/")
+        if self.ema_net is not None:
+            self.val_ema_metrics = _accuracy_metrics(len(classes), "val_ema/")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self._logits(self.net, images)
@@ -164,12 +178,16 @@ class ImageClassifier(pl.LightningModule):
                     "model.test_time_flip with ten-crop validation (data.val_crops=10): the ten crops already hold "
                     "each crop's mirror; use one or the other"
                 )
-            crops = self._logits(net, images.flatten(0, 1)).unflatten(0, images.shape[:2])
+            crops = self._evaluated(self._logits(net, images.flatten(0, 1))).unflatten(0, images.shape[:2])
             return crops.softmax(-1).mean(1).log()
-        logits = self._logits(net, images)
+        logits = self._evaluated(self._logits(net, images))
         if self.hparams.test_time_flip:
-            return (logits + self._logits(net, images.flip(-1))) / 2
+            return (logits + self._evaluated(self._logits(net, images.flip(-1)))) / 2
         return logits
+
+    def _evaluated(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the evaluated classes (``evaluate_on``)."""
+        return logits if self.output_index is None else logits.index_select(-1, self.output_index)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Returns the network's class scores of the batch (``class_scores``) for callbacks that analyse them."""
