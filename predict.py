@@ -24,6 +24,7 @@ from data.shard_reader import ShardReader
 from data.shard_set import ShardSet, ShardSetError, is_shard_set
 from data.spec import ImageSpec
 from data.torchvision_backend import decode, val_transform
+from data.wordnet import select_classes
 from models.card import ModelCard, configured_by_card
 from models.export import load_weights_only
 
@@ -86,10 +87,13 @@ def predictions(cfg: DictConfig) -> Iterator[tuple[str, list[tuple[float, str, s
     checkpoint = load_weights_only(cfg.ckpt)
     card = ModelCard.of_checkpoint(checkpoint, cfg.ckpt)
     cfg = configured_by_card(cfg, card)
-    spec, wnids = instantiate(cfg.data.spec), card.classes
+    spec = instantiate(cfg.data.spec)
     module = instantiate(cfg.model, _partial_=True)(card=card)
     module.load_state_dict(checkpoint["state_dict"])
     module.eval()
+    selection = select_classes(cfg.data.classes, cfg.data.sample_classes, cfg.data.classes_seed)
+    wnids = card.evaluated_classes(selection.wnids if selection else card.classes, cfg.restrict_outputs, "data.classes")
+    module.evaluate_on(wnids)
     names = wordnet_names()
     sources = image_sources(cfg.inputs)
     if not sources:
@@ -109,7 +113,7 @@ def predictions(cfg: DictConfig) -> Iterator[tuple[str, list[tuple[float, str, s
         if good:
             with torch.no_grad():
                 pixels = (torch.stack([image for _, image in good]).float() - mean) / std
-                top = module(pixels).softmax(-1).topk(min(cfg.top_k, len(wnids)))
+                top = module.class_scores(module.net, pixels).softmax(-1).topk(min(cfg.top_k, len(wnids)))
             for (i, _), probs, classes in zip(good, top.values.tolist(), top.indices.tolist()):
                 scores[i] = [(p, wnids[c], names.get(wnids[c], wnids[c])) for p, c in zip(probs, classes)]
         for i, (name, _, error) in enumerate(batch):

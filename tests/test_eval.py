@@ -1,5 +1,5 @@
 """eval.py: the training's own val figures from its checkpoint, ten crops, 2 ranks = 1 rank, the error analysis, a
-test-time resolution sweep, and the EMA weights."""
+test-time resolution sweep, the EMA weights, ReaL top-1, test sets beside val, and class subsets."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from callbacks.error_analysis import PREDICTIONS, analyse, format_report
-from data.demo import ensure_demo_dataset
+from data.demo import demo_wnids, ensure_demo_dataset
 from data.ilsvrc import load_layout, wordnet_names
+from data.real_labels import val_image_id
 from data.spec import ImageSpec
-from eval import PLOT, TABLE, chosen_weights
+from eval import PLOT, SETS, TABLE, chosen_weights
 from tests.conftest import PROJECT_ROOT, SMALL_DEMO, SMALL_RUN, build_module, convert_to_shards, run_train
 from tests.odd_images import write_odd_images
 
@@ -290,3 +291,125 @@ def test_error_analysis_figures():
     assert [c["wnid"] for c in report["per_class"]] == ["n02085782", "n02085620", "n02701002"]  # worst first
     assert report["confused_pairs"][0]["count"] == 1
     assert "mistake severity 6.50" in format_report(report)
+
+
+DEMO = demo_wnids(SMALL_DEMO["num_classes"])
+
+
+def _val_truth(cache: Path) -> dict[str, str]:
+    """The small demo's val paths and their wnids."""
+    val = load_layout(ensure_demo_dataset(cache, **SMALL_DEMO)).val
+    return {path: DEMO[label] for path, label in zip(val.paths, val.labels)}
+
+
+def _restricted_top1(predictions: dict[str, list[tuple[str, float]]], classes: list[str], cache: Path) -> float:
+    """Top-1 over the images of ``classes`` with the model's outputs restricted to them, from a 4-class model's
+    predictions.tsv (it holds all 4 probabilities): the restricted softmax ranks the classes as the full one does."""
+    truth = _val_truth(cache)
+    mine = {path: top for path, top in predictions.items() if truth[path] in classes}
+    right = [max((p, wnid) for wnid, p in top if wnid in classes)[1] == truth[path] for path, top in mine.items()]
+    return sum(right) / len(right)
+
+
+@pytest.mark.slow
+def test_real_top1_counts_each_image_once_over_two_ranks(trained, single, tmp_path: Path):
+    """A ReaL file for the demo's 60 val ids made from the plain evaluation's predictions, so that the answer is known
+    by hand: id % 4 == 0 no valid label (left out), 1 its top-1, 2 another class, 3 both: 15 of each kind, 30 of the
+    45 counted right. The demo's own val files are named by val id too, but its labels are not ReaL's: auto skips."""
+    run, cache = trained
+    folder = single[0]
+    assert not (folder / "real.json").exists()
+    assert "ReaL top-1: not measured: the val labels of" in (folder / "eval.log").read_text()
+    ilsvrc = sorted(wordnet_names())
+    top1 = {val_image_id(path): top[0][0] for path, top in _predictions(folder).items()}
+    assert sorted(top1) == list(range(1, 61))
+    labels = [[] for _ in range(60)]
+    for image, wnid in top1.items():
+        mine, other = ilsvrc.index(wnid), ilsvrc.index(next(w for w in DEMO if w != wnid))
+        labels[image - 1] = [[], [mine], [other], [other, mine]][image % 4]
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps(labels))
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"real_labels={real}"]
+    run_eval(*DATA_ONLY, f"ckpt={run / 'checkpoints' / 'last.ckpt'}", *ddp, cache_dir=cache, run_dir=tmp_path / "two")
+    result = json.loads((tmp_path / "two" / "real.json").read_text())
+    assert (result["counted"], result["left_out"], result["top1"]) == (45, 15, 30 / 45)
+    with open(tmp_path / "two" / SETS, newline="") as file:
+        assert float(next(csv.DictReader(file))["real_top1"]) == pytest.approx(30 / 45)
+
+
+@pytest.mark.slow
+def test_test_sets_beside_val_report_their_figures_and_their_gaps(trained, single, tmp_path: Path):
+    """An ImageNet-V2 tree (folders by class index) of the val images scores as val, a gap of 0; an ImageNet-A-like
+    wnid tree of 2 of the 4 classes scores the model's outputs restricted to them; each set has its error analysis."""
+    run, cache = trained
+    ilsvrc = sorted(wordnet_names())
+    v2, a = tmp_path / "imagenetv2-matched-frequency-format-val", tmp_path / "imagenet-a"
+    for path, wnid in _val_truth(cache).items():
+        for folder in [v2 / str(ilsvrc.index(wnid))] + [a / wnid] * (wnid in DEMO[::2]):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / Path(path).name).symlink_to(path)
+    ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
+    sets = [f"test_sets=[{v2},{a}]", "restrict_outputs=true"]
+    report = run_eval(
+        *DATA_ONLY, ckpt, *sets, cache_dir=cache, run_dir=tmp_path / "sets", report="imagenet-a/report.json"
+    )
+    assert report["summary"]["images"] == 30
+    with open(tmp_path / "sets" / SETS, newline="") as file:
+        rows = {row["set"]: row for row in csv.DictReader(file)}
+    assert list(rows) == ["val", v2.name, "imagenet-a"]
+    val, on_v2, on_a = rows.values()
+    assert (val["images"], on_v2["images"], on_a["images"], on_a["classes"]) == ("60", "60", "30", "2")
+    assert float(val["top1"]) == pytest.approx(single[1]["summary"]["top1_accuracy"], abs=1e-6)
+    assert float(on_v2["top1"]) == pytest.approx(float(val["top1"]), abs=1e-6) and float(on_v2["top1_gap"]) == 0
+    assert float(on_a["top1"]) == pytest.approx(_restricted_top1(_predictions(single[0]), DEMO[::2], cache), abs=1e-6)
+    assert float(on_a["top1_gap"]) == pytest.approx(float(on_a["top1"]) - float(val["top1"]))
+    record = (tmp_path / "sets" / "record.md").read_text()
+    assert "| this run |" in record and "He, Zhang, Ren & Sun 2016" in record and "ILSVRC-2012 val" in record
+
+
+@pytest.mark.slow
+def test_a_class_subset_is_trained_recorded_and_honoured_by_eval_and_predict(trained, single, tmp_path: Path):
+    """A model of 2 of the demo's classes evaluates on those of the 4-class root by its card; the 4-class model on 2
+    of its classes is refused unless its outputs are restricted, then scores as computed by hand, and predict.py
+    ranks only those two, with their renormalised probabilities."""
+    run, cache = trained
+    two = DEMO[::2]
+    subset = tmp_path / "subset"
+    result = run_train(
+        *SMALL_RUN, "trainer.max_epochs=1", f"data.classes=[{two[1]},{two[0]}]", cache_dir=cache, run_dir=subset
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = torch.load(subset / "checkpoints" / "last.ckpt", weights_only=True)["model_card"]
+    assert card["classes"] == two
+    report = run_eval(
+        *DATA_ONLY, f"ckpt={subset / 'checkpoints' / 'last.ckpt'}", cache_dir=cache, run_dir=subset / "ev"
+    )
+    assert report["summary"]["images"] == 30 and {c["wnid"] for c in report["per_class"]} == set(two)
+    ckpt, chosen = f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"data.classes=[{two[0]},{two[1]}]"
+    command = [sys.executable, "eval.py", ckpt, chosen, *DATA_ONLY, f"paths.cache_dir={cache}"]
+    refused = subprocess.run(
+        [*command, f"hydra.run.dir={tmp_path / 'refused'}"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "2 of the model's 4 classes" in refused.stderr, refused.stderr[-3000:]
+    assert "restrict_outputs=true" in refused.stderr
+    restricted = run_eval(*DATA_ONLY, ckpt, chosen, "restrict_outputs=true", cache_dir=cache, run_dir=tmp_path / "r")
+    full = _predictions(single[0])
+    assert restricted["summary"]["top1_accuracy"] == pytest.approx(_restricted_top1(full, two, cache), abs=1e-6)
+    val = Path(next(iter(_val_truth(cache)))).parent
+    predict = [sys.executable, "predict.py", ckpt, chosen, "restrict_outputs=true", f"inputs=[{val}]", *DATA_ONLY]
+    printed = subprocess.run(
+        [*predict, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'predict'}"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    lines = [line.split(": ", 1) for line in printed.stdout.splitlines() if line.startswith(str(val))]
+    assert len(lines) == 60
+    for path, top in lines:
+        ranked = [(entry.split()[1], float(entry.split()[0])) for entry in top.split(" | ")]
+        probabilities = dict(full[path])
+        total = sum(probabilities[wnid] for wnid in two)
+        expected = sorted(((wnid, probabilities[wnid] / total) for wnid in two), key=lambda item: -item[1])
+        assert [w for w, _ in ranked] == [w for w, _ in expected], path
+        assert [p for _, p in ranked] == pytest.approx([p for _, p in expected], abs=2e-3), path
