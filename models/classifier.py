@@ -248,5 +248,5 @@ class ImageClassifier(pl.LightningModule):
         if saved != self.card.classes:
             raise ValueError(
                 f"the checkpoint was trained on other classes than the data holds ({len(saved)} vs "
-                f"{len(self.card.classes)}, or another order): resume on the dataset it was trained on"
+                f"{len(self.card.classes)}, or another order): resume on the dataset and data.classes it was trained on"
             )
