@@ -98,8 +98,11 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float | int | str]]:
     loaded once, and one Trainer serves every evaluation: only the val spec or the layout, hence the loader, changes
     between them."""
     require_cuda_where_asked(cfg)
-    if cfg.resolutions is not None and cfg.test_sets:
+    test_sets = test_set_names(cfg.test_sets)
+    if cfg.resolutions is not None and test_sets:
         raise ConfigError("test_sets", list(cfg.test_sets), "[] with resolutions: evaluate them in two commands")
+    if cfg.real_labels not in (None, "auto") and not Path(str(cfg.real_labels)).expanduser().is_file():
+        raise ConfigError("real_labels", cfg.real_labels, "auto, null, or a file of ReaL labels (real.json's format)")
     checkpoint = load_weights_only(cfg.ckpt)
     card = ModelCard.of_checkpoint(checkpoint, cfg.ckpt)
     state = chosen_weights(checkpoint["state_dict"], cfg.weights, cfg.ckpt)
@@ -154,7 +157,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float | int | str]]:
     val["images"] = len(datamodule.layout.val)
     sets = [val]
     wanted = datamodule.class_selection.wnids if datamodule.class_selection else card.classes
-    for root, name in test_set_names(cfg.test_sets):
+    for root, name in test_sets:
         layout = datamodule.eval_set(root)
         subset = [wnid for wnid in layout.wnids if wnid in wanted]
         if not subset:
@@ -181,6 +184,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float | int | str]]:
 
 def test_set_names(roots: Sequence[str]) -> list[tuple[str, str]]:
     """(root, name) of each test set, named by its folder: each name once, since it names the set's report folder."""
+    if isinstance(roots, str) or not all(isinstance(root, str) for root in roots):
+        raise ConfigError("test_sets", roots, "a list of folders, e.g. test_sets=[/datasets/imagenet-r]")
     named = [(str(root), Path(str(root)).expanduser().resolve().name) for root in roots]
     names = [name for _, name in named]
     repeated = sorted({name for name in names if names.count(name) > 1} | ({"val"} & set(names)))

@@ -20,8 +20,8 @@ from callbacks.error_analysis import PREDICTIONS, analyse, format_report
 from data.demo import demo_wnids, ensure_demo_dataset
 from data.ilsvrc import load_layout, wordnet_names
 from data.real_labels import val_image_id
-from data.spec import ImageSpec
-from eval import PLOT, SETS, TABLE, chosen_weights
+from data.spec import ConfigError, ImageSpec
+from eval import PLOT, SETS, TABLE, chosen_weights, test_set_names
 from tests.conftest import PROJECT_ROOT, SMALL_DEMO, SMALL_RUN, build_module, convert_to_shards, run_train
 from tests.odd_images import write_odd_images
 
@@ -414,3 +414,18 @@ def test_a_class_subset_is_trained_recorded_and_honoured_by_eval_and_predict(tra
         expected = sorted(((wnid, probabilities[wnid] / total) for wnid in two), key=lambda item: -item[1])
         assert [w for w, _ in ranked] == [w for w, _ in expected], path
         assert [p for _, p in ranked] == pytest.approx([p for _, p in expected], abs=2e-3), path
+
+
+def test_test_sets_are_a_list_of_folders_of_distinct_names():
+    assert test_set_names(["/d/imagenet-a", "/e/imagenet-r/"]) == [
+        ("/d/imagenet-a", "imagenet-a"),
+        ("/e/imagenet-r/", "imagenet-r"),
+    ]
+    for roots, fault in (
+        ("/d/imagenet-a", "a list of folders"),
+        (["/d/imagenet-r", "/e/imagenet-r"], "distinct names.*imagenet-r"),
+        (["/d/val"], "none named val"),
+        ([3], "a list of folders"),
+    ):
+        with pytest.raises(ConfigError, match=fault):
+            test_set_names(roots)
