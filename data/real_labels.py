@@ -19,13 +19,13 @@ from typing import Any
 from data.ilsvrc import FULL_ILSVRC2012, wordnet_names
 
 SHIPPED = Path(__file__).with_name("real") / "real.json"
-_VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.(?:jpe?g|png)", re.IGNORECASE)
+_VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})(?:\.(?:jpe?g|png))?", re.IGNORECASE)
 
 
 def val_image_id(path: str) -> int | None:
     """The id (1..) of an ILSVRC-2012 val file ``ILSVRC2012_val_%08d.JPEG`` (jpg, png, any case) anywhere in a
-    folder tree, else None."""
-    match = _VAL_NAME.fullmatch(os.path.basename(path))
+    folder tree, or of a shard set's sample ``<tar>:[<folder>/]ILSVRC2012_val_%08d`` (its key), else None."""
+    match = _VAL_NAME.fullmatch(os.path.basename(path).rsplit(":", 1)[-1])
     image_id = int(match[1]) if match else 0
     return image_id or None  # ILSVRC2012_val_00000000 names no image
 

@@ -66,6 +66,9 @@ def test_shipped_copy_has_the_published_counts_and_its_readme_its_sha256():
         ("val/ILSVRC2012_val_00000001.webp", None),
         ("train/n01440764/n01440764_10026.JPEG", None),
         ("ILSVRC2012_val_00000001.JPEG/picture.JPEG", None),  # the file's own name counts, not a folder's
+        ("/sets/in1k/val/val-000000.tar:ILSVRC2012_val_00000007", 7),  # a shard set's sample: <tar>:<key>
+        ("/sets/in1k/val/val-000003.tar:val/ILSVRC2012_val_00000008", 8),
+        ("/sets/in1k/val/val-000003.tar:val/ILSVRC2012_val_00000008x", None),
     ],
 )
 def test_val_image_id(path: str, image_id: int | None):
