@@ -98,7 +98,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float | int | str]]:
     loaded once, and one Trainer serves every evaluation: only the val spec or the layout, hence the loader, changes
     between them."""
     require_cuda_where_asked(cfg)
-    test_sets = test_set_names(cfg.test_sets)
+    test_sets = named_test_sets(cfg.test_sets)
     if cfg.resolutions is not None and test_sets:
         raise ConfigError("test_sets", list(cfg.test_sets), "[] with resolutions: evaluate them in two commands")
     if cfg.real_labels not in (None, "auto") and not Path(str(cfg.real_labels)).expanduser().is_file():
@@ -182,7 +182,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float | int | str]]:
     return sets
 
 
-def test_set_names(roots: Sequence[str]) -> list[tuple[str, str]]:
+def named_test_sets(roots: Sequence[str]) -> list[tuple[str, str]]:
     """(root, name) of each test set, named by its folder: each name once, since it names the set's report folder."""
     if isinstance(roots, str) or not all(isinstance(root, str) for root in roots):
         raise ConfigError("test_sets", roots, "a list of folders, e.g. test_sets=[/datasets/imagenet-r]")

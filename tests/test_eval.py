@@ -21,7 +21,7 @@ from data.demo import demo_wnids, ensure_demo_dataset
 from data.ilsvrc import load_layout, wordnet_names
 from data.real_labels import val_image_id
 from data.spec import ConfigError, ImageSpec
-from eval import PLOT, SETS, TABLE, chosen_weights, test_set_names
+from eval import PLOT, SETS, TABLE, chosen_weights, named_test_sets
 from tests.conftest import PROJECT_ROOT, SMALL_DEMO, SMALL_RUN, build_module, convert_to_shards, run_train
 from tests.odd_images import write_odd_images
 
@@ -417,7 +417,7 @@ def test_a_class_subset_is_trained_recorded_and_honoured_by_eval_and_predict(tra
 
 
 def test_test_sets_are_a_list_of_folders_of_distinct_names():
-    assert test_set_names(["/d/imagenet-a", "/e/imagenet-r/"]) == [
+    assert named_test_sets(["/d/imagenet-a", "/e/imagenet-r/"]) == [
         ("/d/imagenet-a", "imagenet-a"),
         ("/e/imagenet-r/", "imagenet-r"),
     ]
@@ -428,4 +428,4 @@ def test_test_sets_are_a_list_of_folders_of_distinct_names():
         ([3], "a list of folders"),
     ):
         with pytest.raises(ConfigError, match=fault):
-            test_set_names(roots)
+            named_test_sets(roots)
