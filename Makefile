@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 
-.PHONY: train test test-fast bench report mutation
+.PHONY: train history test test-fast bench report mutation
 
 $(INSTALLED): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,16 @@ $(INSTALLED): requirements.txt requirements-test.txt pyproject.toml
 ## The main job: ResNet-18 on the embedded demo dataset (generated on first use), on the CPU. ARGS=... adds overrides.
 train: $(INSTALLED)
 	$(VENV)/bin/python train.py experiment=demo $(ARGS)
+
+## The history in miniature: AlexNet, VGG-11 (BN) and ResNet-18 trained on the demo data one after the other (a
+## Hydra sweep, each with experiment_model/demo/<model>.yaml's settings), then report.py overlays their top-1/top-5
+## accuracy and error per epoch and their images/s in HISTORY_DIR/report/*.png. MODELS=... other models; ARGS=...
+## adds overrides to every job.
+MODELS = alexnet,vgg11_bn,resnet18
+HISTORY_DIR := outputs/train/history/$(shell date +%Y-%m-%d_%H-%M-%S)
+history: $(INSTALLED)
+	$(VENV)/bin/python train.py -m experiment=demo model=$(MODELS) hydra.sweep.dir=$(HISTORY_DIR) $(ARGS)
+	$(VENV)/bin/python report.py $(HISTORY_DIR)
 
 ## Every test, as CI runs them (slow, slurm and gpu markers included; gpu ones skip without a GPU).
 test: $(INSTALLED)

@@ -1,4 +1,5 @@
-"""Plots of a run or a sweep, as PNGs: loss, top-1 and top-5 per epoch, learning rate, throughput.
+"""Plots of a run or a sweep, as PNGs: loss, top-1 and top-5 accuracy and error per epoch, learning rate,
+throughput per step and per epoch.
 
     python report.py outputs/train/<run id>                 # writes outputs/train/<run id>/report/*.png
     python report.py outputs/train/multirun/<date>          # a sweep: one curve per job, labelled by its overrides
@@ -15,12 +16,15 @@ import csv
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from sweeps.summary import job_rows, varying_overrides  # noqa: E402
 
@@ -72,39 +76,72 @@ def _wandb_rows(folder: Path) -> list[dict[str, float]]:
     return rows
 
 
-def plot(runs: dict[str, tuple[Series, Series]], out: Path, title: str) -> list[Path]:
-    """One PNG per figure; one curve per run (label = the run's name or its overrides)."""
-    out.mkdir(parents=True, exist_ok=True)
-    figures = {
-        "loss": [("train/loss", "step", "train loss"), ("val/loss", "epoch", "val loss")],
-        "accuracy": [
-            ("val/acc1", "epoch", "val top-1"),
-            ("val/acc5", "epoch", "val top-5"),
-            ("train/acc1", "epoch", "train top-1"),
-        ],
-        "learning_rate": [("lr-*", "step", "learning rate")],
-        "throughput": [
-            ("perf/images_per_s", "step", "images/s (all devices)"),
-            ("perf/data_wait_fraction", "step", "fraction of step time waiting for data"),
-        ],
-    }
-    written = []
-    for name, panels in figures.items():
+class Panel(NamedTuple):
+    """One plot of a figure: a metric (or, ending in ``*``, every metric with that prefix) against step or epoch."""
+
+    key: str
+    x: str  # "step" or "epoch"
+    label: str
+    value: Callable[[float], float] | None = None  # what is drawn of each logged value; None: the value itself
+
+
+def error(accuracy: float) -> float:
+    return 1.0 - accuracy
+
+
+FIGURES = {
+    "loss": [Panel("train/loss", "step", "train loss"), Panel("val/loss", "epoch", "val loss")],
+    "accuracy": [
+        Panel("val/acc1", "epoch", "val top-1"),
+        Panel("val/acc5", "epoch", "val top-5"),
+        Panel("train/acc1", "epoch", "train top-1"),
+    ],
+    # the error rates the ImageNet papers compare (AlexNet, VGG and ResNet report top-1 and top-5 error)
+    "error": [
+        Panel("val/acc1", "epoch", "val top-1 error", error),
+        Panel("val/acc5", "epoch", "val top-5 error", error),
+    ],
+    "learning_rate": [Panel("lr-*", "step", "learning rate")],
+    "throughput": [
+        Panel("perf/images_per_s", "step", "images/s (all devices)"),
+        Panel("perf/data_wait_fraction", "step", "fraction of step time waiting for data"),
+        # one rate per epoch, validation left out: runs of different step counts compare epoch by epoch
+        Panel("perf/epoch_images_per_s", "epoch", "training images/s per epoch (all devices)"),
+    ],
+}
+
+
+def draw(runs: dict[str, tuple[Series, Series]], title: str) -> dict[str, Figure]:
+    """The figures of ``FIGURES`` by name; in each plot one curve per run, labelled with the run's key."""
+    figures = {}
+    for name, panels in FIGURES.items():
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-        for ax, (key, x, label) in zip(axes[0], panels):
+        for ax, panel in zip(axes[0], panels):
             for run_label, (by_step, by_epoch) in runs.items():
-                source = by_step if x == "step" else by_epoch
-                keys = [k for k in source if k.startswith(key[:-1])] if key.endswith("*") else [key]
+                source = by_step if panel.x == "step" else by_epoch
+                keys = [k for k in source if k.startswith(panel.key[:-1])] if panel.key.endswith("*") else [panel.key]
                 for metric in keys:
                     points = sorted(source.get(metric, {}).items())
+                    if panel.value:
+                        points = [(x, panel.value(y)) for x, y in points]
                     if points:
-                        ax.plot(*zip(*points), marker="o" if x == "epoch" else None, markersize=3, label=run_label)
-            ax.set(title=label, xlabel=x, ylabel=label)
+                        marker = "o" if panel.x == "epoch" else None
+                        ax.plot(*zip(*points), marker=marker, markersize=3, label=run_label)
+            ax.set(title=panel.label, xlabel=panel.x, ylabel=panel.label)
             ax.grid(alpha=0.3)
             if ax.has_data() and len(runs) > 1:
                 ax.legend(fontsize=8)
         fig.suptitle(title)
         fig.tight_layout()
+        figures[name] = fig
+    return figures
+
+
+def plot(runs: dict[str, tuple[Series, Series]], out: Path, title: str) -> list[Path]:
+    """One PNG per figure of ``draw``; one curve per run (label = the run's name or its overrides)."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in draw(runs, title).items():
         path = out / f"{name}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -112,16 +149,20 @@ def plot(runs: dict[str, tuple[Series, Series]], out: Path, title: str) -> list[
     return written
 
 
+def load_runs(folder: Path) -> dict[str, tuple[Series, Series]]:
+    """A run folder's metrics under its name, or a sweep folder's (numbered job folders) per job, each labelled with
+    its number and the overrides that tell it from the other jobs (``model=alexnet`` in a sweep over models)."""
+    jobs = [p for p in folder.iterdir() if p.name.isdigit() and p.is_dir()]
+    if not jobs:
+        return {folder.name: load_run(folder)}
+    rows = job_rows(folder)
+    labels = [f"{row['job']}: {varying or 'job'}" for row, varying in zip(rows, varying_overrides(rows))]
+    return {label: load_run(Path(row["folder"])) for label, row in zip(labels, rows)}
+
+
 def report(folder: Path, out: Path | None = None) -> list[Path]:
     """Plots for a run folder, or for a sweep folder (numbered job folders)."""
-    jobs = [p for p in folder.iterdir() if p.name.isdigit() and p.is_dir()]
-    if jobs:
-        rows = job_rows(folder)
-        labels = [f"{row['job']}: {varying or 'job'}" for row, varying in zip(rows, varying_overrides(rows))]
-        runs = {label: load_run(Path(row["folder"])) for label, row in zip(labels, rows)}
-    else:
-        runs = {folder.name: load_run(folder)}
-    return plot(runs, out or folder / "report", title=str(folder))
+    return plot(load_runs(folder), out or folder / "report", title=str(folder))
 
 
 def main() -> None:

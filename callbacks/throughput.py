@@ -69,7 +69,14 @@ class ThroughputMonitor(pl.Callback):
             return
         train_time = self.last_step_end - self.epoch_start
         rates = self._rates(trainer, self.epoch, train_time)
-        self._log(trainer, {"perf/epoch_time_s": time.perf_counter() - self.epoch_start})
+        epoch_metrics = {
+            "perf/epoch_time_s": time.perf_counter() - self.epoch_start,
+            # the epoch's training images over its training time (its validation left out), with the epoch it
+            # belongs to: one rate per epoch that report.py compares across runs
+            "perf/epoch_images_per_s": rates["perf/images_per_s"],
+            "epoch": trainer.current_epoch,
+        }
+        self._log(trainer, epoch_metrics)
         wait = rates["perf/data_wait_fraction"]
         bound = "data-bound: the input pipeline sets the pace" if wait > self.data_bound_fraction else "compute-bound"
         slowest = self.stragglers.describe()

@@ -42,7 +42,8 @@ def csv_rows(run: Path) -> list[dict[str, float]]:
 
 
 def assert_plots(paths: list[Path]) -> None:
-    assert sorted(p.name for p in paths) == ["accuracy.png", "learning_rate.png", "loss.png", "throughput.png"]
+    names = ["accuracy.png", "error.png", "learning_rate.png", "loss.png", "throughput.png"]
+    assert sorted(p.name for p in paths) == names
     for path in paths:
         pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
         assert pixels.shape[0] >= 300 and pixels.shape[1] >= 500
@@ -136,6 +137,9 @@ def test_throughput_and_data_wait_are_logged(logged_run):
         assert row["perf/images_per_s"] * row["perf/step_time_s"] == pytest.approx(20)
         assert row["perf/images_per_s_per_device"] == row["perf/images_per_s"]  # one device
         assert 0 <= row["perf/data_wait_fraction"] <= 1
+    per_epoch = [row for row in rows if "perf/epoch_images_per_s" in row]  # training images over training time
+    assert [row["epoch"] for row in per_epoch] == [0, 1]
+    assert all(row["perf/epoch_images_per_s"] > 0 for row in per_epoch)
     assert "of it waiting for data: " in output and ("compute-bound" in output or "data-bound" in output)
     assert "epoch 1 step 12/12 (100%)" in output and "img/s=" in output and "eta 0:00:00" in output
     assert list((run / "tensorboard" / "version_0").glob("events.out.tfevents.*"))
